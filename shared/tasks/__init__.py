@@ -1,0 +1,1 @@
+"""waardhaven-tasks: background processing for the Waardhaven AutoIndex."""

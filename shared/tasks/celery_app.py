@@ -1,0 +1,136 @@
+"""The Celery app: `celery -A tasks.celery_app ...`.
+
+Thin on purpose: configuration is built from `tasks.settings` in `build_config`, queues and
+routes are declared once here, the tasks live in `tasks.background_tasks`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from celery import Celery
+from kombu import Queue as KombuQueue
+
+from tasks import health, metrics, prefork
+from tasks.settings import Settings, get_settings, parse_crontab
+
+
+class Queue(enum.StrEnum):
+    HIGH = "high_priority"
+    LOW = "low_priority"
+    DEFAULT = "default"
+
+
+# Every task by its short name, and the queue it runs on. A test walks this table.
+ROUTES: dict[str, Queue] = {
+    "refresh_market_data": Queue.HIGH,
+    "refresh_market_data_chunk": Queue.HIGH,
+    "refresh_market_data_summary": Queue.HIGH,
+    "compute_index": Queue.HIGH,
+    "generate_report": Queue.LOW,
+    "cleanup_old_data": Queue.LOW,
+    "ping": Queue.DEFAULT,
+}
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Crontab entries (UTC). `expires`: a run missed while beat was down is not piled up."""
+    return {
+        "refresh-market-data-daily": {
+            "task": "refresh_market_data",
+            "schedule": parse_crontab(settings.schedule_refresh_market_data),
+            "kwargs": {"mode": "smart"},
+            "options": {"queue": Queue.HIGH.value, "expires": 6 * 3600},
+        },
+        "compute-index-hourly": {
+            "task": "compute_index",
+            "schedule": parse_crontab(settings.schedule_compute_index),
+            "options": {"queue": Queue.HIGH.value, "expires": 50 * 60},
+        },
+        "cleanup-old-data-weekly": {
+            "task": "cleanup_old_data",
+            "schedule": parse_crontab(settings.schedule_cleanup_old_data),
+            "kwargs": {"days_to_keep": settings.retention_days},
+            "options": {"queue": Queue.LOW.value, "expires": 12 * 3600},
+        },
+    }
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    transport = {
+        # Must exceed the hard time limit plus retry delays, or long tasks run twice.
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu sweeps for messages past the visibility timeout every 10 s but scans only on
+        # every 10th sweep by default: a dead worker's tasks would wait up to 100 s more.
+        "unacked_restore_throttle": 1,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
+    }
+    imports = ["tasks.background_tasks"]
+    imports += [m.strip() for m in settings.waardhaven_extra_task_modules.split(",") if m.strip()]
+    config: dict[str, Any] = {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.backend_url,
+        "imports": imports,
+        # JSON only: pickle would let anyone who can write to Redis run code (CVE-2021-23727).
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        "result_expires": settings.result_expires,
+        "task_track_started": True,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "worker_prefetch_multiplier": settings.worker_prefetch_multiplier,
+        "worker_max_tasks_per_child": settings.worker_max_tasks_per_child or None,
+        "worker_max_memory_per_child": settings.worker_max_memory_per_child or None,
+        "broker_connection_retry_on_startup": True,
+        "broker_pool_limit": settings.broker_pool_limit,
+        "redis_max_connections": settings.broker_pool_limit,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        # acks_late + reject_on_worker_lost: a task whose worker dies is redelivered, not lost.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_disable_rate_limits": False,
+        # A reconnect must not leave an acks_late task running while Redis redelivers it.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Soft shutdown (SIGTERM remapped to SIGQUIT by the run scripts): running tasks get
+        # this long, then go back to the queue.
+        "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_timeout,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_queues": [KombuQueue(q.value, routing_key=q.value) for q in Queue],
+        "task_default_queue": Queue.DEFAULT.value,
+        "task_default_routing_key": Queue.DEFAULT.value,
+        "task_routes": {name: {"queue": q.value} for name, q in ROUTES.items()},
+        "beat_schedule": beat_schedule(settings),
+        "redbeat_redis_url": settings.redis_url,
+        "redbeat_key_prefix": "waardhaven:redbeat:",
+        "redbeat_lock_timeout": settings.beat_lock_timeout,
+        # Beat renews its lock every loop: the loop must be well inside the lock timeout.
+        "beat_max_loop_interval": max(1, settings.beat_lock_timeout // 4),
+        "worker_redirect_stdouts_level": "INFO",
+        # Refuses oversized and malformed task messages instead of crashing on them.
+        "worker_consumer": "tasks.base:GuardedConsumer",
+    }
+    return config
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    celery = Celery("waardhaven_tasks", task_cls="tasks.base:WaardhavenTask")
+    celery.config_from_object(build_config(settings))
+    celery.steps["consumer"].add(health.WorkerHeartbeat)
+    metrics.install(celery)
+    prefork.install()  # cheap child replacement (worker_max_tasks_per_child)
+    return celery
+
+
+app = create_app()

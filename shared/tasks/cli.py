@@ -1,0 +1,212 @@
+"""`waardhaven-tasks`: operate the task system from a shell.
+
+waardhaven-tasks migrate | seed
+waardhaven-tasks submit refresh_market_data --arg mode=full --wait
+waardhaven-tasks status ID | inspect | revoke ID [--terminate]
+waardhaven-tasks dev          (the local stack; what `make run` starts)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+TERMINAL_STATES = {"SUCCESS", "FAILURE", "REVOKED", "REJECTED"}
+
+
+def _app() -> Any:
+    from tasks.celery_app import app
+
+    app.loader.import_default_modules()
+    return app
+
+
+def _parse_arg(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="--arg")
+    try:
+        return key, json.loads(raw)  # numbers, lists, null
+    except json.JSONDecodeError:
+        return key, raw  # plain strings need no quotes
+
+
+def _load_dev_env() -> None:
+    """Outside a pod, find the stack `make run` started (var/dev.env); the environment wins."""
+    from tasks.devstack import DEV_ENV
+
+    if DEV_ENV.exists():
+        for line in DEV_ENV.read_text().splitlines():
+            key, _, value = line.partition("=")
+            os.environ.setdefault(key, value)
+
+
+@click.group(help=__doc__)
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    if ctx.invoked_subcommand != "dev":  # `dev` starts a new stack: a stale file must not win
+        _load_dev_env()
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (Alembic)."""
+    from tasks.migrate import upgrade
+
+    upgrade()
+    console.print("[green]schema up to date[/]")
+
+
+@main.command()
+def seed() -> None:
+    """Insert the 14 seed assets and the default strategy (idempotent)."""
+    from tasks import store
+    from tasks.db import session_scope
+
+    with session_scope() as session:
+        n = store.seed_assets(session)
+    console.print(f"[green]{n} assets seeded[/]")
+
+
+@main.command()
+@click.argument("task")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Task keyword argument.")
+@click.option("--queue", default=None, help="Override the routed queue.")
+@click.option("--wait/--no-wait", default=False, help="Follow progress until the task ends.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait.")
+def submit(task: str, args: tuple[str, ...], queue: str | None, wait: bool, timeout: float) -> None:
+    """Send TASK (by its short name) with --arg key=value keyword arguments."""
+    app = _app()
+    public = sorted(n for n in app.tasks if not n.startswith("celery."))
+    if task not in app.tasks:
+        raise click.BadParameter(f"unknown task {task!r}; known: {', '.join(public)}")
+    kwargs = dict(_parse_arg(a) for a in args)
+    options = {"queue": queue} if queue else {}
+    result = app.tasks[task].apply_async(kwargs=kwargs, **options)
+    click.echo(result.id)
+    if wait:
+        sys.exit(_follow(result, timeout))
+
+
+def _follow(result: Any, timeout: float) -> int:
+    """A live progress bar fed by the PROGRESS state; exit status 0 only on SUCCESS."""
+    deadline = time.monotonic() + timeout
+    with Progress(
+        TextColumn("[bold]{task.fields[state]:<8}"),
+        BarColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        row = bar.add_task("waiting for a worker", total=None, state="PENDING", counts="")
+        while True:
+            state, info = result.state, result.info
+            if state == "PROGRESS" and isinstance(info, dict):
+                current, total = info.get("current", 0), info.get("total") or None
+                bar.update(
+                    row,
+                    total=total,
+                    completed=current,
+                    description=str(info.get("status", "")),
+                    state=state,
+                    counts=f"{current}/{total}" if total else "",
+                )
+            else:
+                bar.update(row, state=state)
+            if state in TERMINAL_STATES:
+                if state == "SUCCESS":
+                    bar.update(row, total=1, completed=1, description="done", counts="")
+                break
+            if time.monotonic() > deadline:
+                console.print(f"[yellow]still {state} after {timeout:.0f}s[/]")
+                return 2
+            time.sleep(0.2)
+    if result.state == "SUCCESS":
+        click.echo(json.dumps(result.result, indent=2, default=str))
+        return 0
+    console.print(f"[red]{result.state}[/]: {result.info!r}")
+    return 1
+
+
+@main.command()
+@click.argument("task_id")
+def status(task_id: str) -> None:
+    """State, progress and result of a task."""
+    result = _app().AsyncResult(task_id)
+    info = result.info
+    if isinstance(info, BaseException):
+        info = f"{type(info).__name__}: {info}"
+    click.echo(json.dumps({"id": task_id, "state": result.state, "info": info}, default=str))
+
+
+@main.command()
+@click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for replies.")
+def inspect(timeout: float) -> None:
+    """Active, reserved and scheduled tasks per worker, and queue lengths."""
+    from tasks.celery_app import Queue
+
+    app = _app()
+    inspector = app.control.inspect(timeout=timeout)
+    replies = {
+        "active": inspector.active() or {},
+        "reserved": inspector.reserved() or {},
+        "scheduled": inspector.scheduled() or {},
+    }
+    workers = sorted(set().union(*replies.values()))
+    table = Table(title="workers")
+    for column in ("worker", "active", "reserved", "scheduled", "tasks running"):
+        table.add_column(column)
+    for worker in workers:
+        active = replies["active"].get(worker, [])
+        table.add_row(
+            worker,
+            str(len(active)),
+            str(len(replies["reserved"].get(worker, []))),
+            str(len(replies["scheduled"].get(worker, []))),
+            ", ".join(f"{t['name']}[{t['id'][:8]}]" for t in active) or "-",
+        )
+    if not workers:
+        console.print("[yellow]no worker replied[/]")
+    Console().print(table)
+    queues = Table(title="queues")
+    queues.add_column("queue")
+    queues.add_column("messages waiting")
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        for q in Queue:
+            queues.add_row(q.value, str(client.llen(q.value)))
+    Console().print(queues)
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--terminate", is_flag=True, help="Also kill it if it is already running.")
+def revoke(task_id: str, terminate: bool) -> None:
+    """Revoke a task: it will not start; with --terminate a running one is killed."""
+    # The workers run with REMAP_SIGTERM=SIGQUIT (soft shutdown), so their pool children ignore
+    # SIGTERM: SIGQUIT is what stops a running task there.
+    _app().control.revoke(task_id, terminate=terminate, signal="SIGQUIT")
+    console.print(f"revoked {task_id}" + (" (terminating)" if terminate else ""))
+
+
+@main.command()
+def dev() -> None:
+    """Start the whole stack locally (what `make run` does); Ctrl-C stops it."""
+    from tasks.devstack import run
+
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Index computation: pure functions on NumPy arrays (DOMAIN.md, compute_index).
+
+Kept from the original: the cleaning rules, the three-way weight mix, base 100. Fixed:
+- an asset's missing data is measured over its own listed period (late listings are kept);
+- outliers are judged against a trailing window of past returns only (no look-ahead);
+- quarterly (91 days) and yearly (365 days) rebalancing happen;
+- the lookback ends the day before the rebalance date;
+- momentum with no qualifying asset falls back to equal weight (no division by zero);
+- between rebalances holdings drift with prices (the original re-applied target weights
+  every day, a daily rebalance in effect).
+
+Timing: weights decided on rebalance date t use returns up to t-1 and are held from the close
+of t-1, so they earn the return of day t onward. Eligibility (and market caps, when given) is
+read on date t itself, as the strategy defines it.
+
+The index compounds the cleaned returns (clipped, outliers replaced), as the original did.
+Every trailing statistic (outlier mean/std, lookback volatility, momentum) comes from running
+sums over the whole matrix, so the cost is O(days x assets) whatever the rebalance frequency.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+REBALANCE_DAYS: dict[str, int] = {
+    "daily": 1,
+    "weekly": 7,
+    "monthly": 30,
+    "quarterly": 91,
+    "yearly": 365,
+}
+LOOKBACK_DAYS = 60
+MOMENTUM_DAYS = 20
+MIN_OUTLIER_HISTORY = 20  # past returns needed before the outlier rule applies
+MAX_MISSING_FRACTION = 0.10
+_MIX = ("momentum_weight", "market_cap_weight", "risk_parity_weight")
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    """The strategy (a `strategy_config` row); a bad value raises ValueError naming the field."""
+
+    momentum_weight: float = 0.4
+    market_cap_weight: float = 0.3
+    risk_parity_weight: float = 0.3
+    rebalance_frequency: str = "weekly"
+    daily_drop_threshold: float = -0.01
+    min_price: float = 1.0
+    max_daily_return: float = 0.5
+    min_daily_return: float = -0.5
+    max_forward_fill_days: int = 2
+    outlier_std_threshold: float = 3.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "rebalance_frequency":
+                if value not in REBALANCE_DAYS:
+                    raise ValueError(
+                        f"rebalance_frequency must be one of {', '.join(REBALANCE_DAYS)}, "
+                        f"not {value!r}"
+                    )
+            elif f.name == "max_forward_fill_days":
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(f"max_forward_fill_days must be an integer, not {value!r}")
+                if value < 0:
+                    raise ValueError("max_forward_fill_days must not be negative")
+            elif (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{f.name} must be a finite number, not {value!r}")
+        for name in _MIX:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1")
+        total = sum(getattr(self, name) for name in _MIX)
+        if abs(total - 1.0) > 0.001:
+            raise ValueError(
+                f"momentum_weight + market_cap_weight + risk_parity_weight is {total:g}, not 1"
+            )
+        if not -1.0 < self.min_daily_return < 0.0:
+            raise ValueError("min_daily_return must be between -1 and 0 (exclusive)")
+        if self.max_daily_return <= 0.0:
+            raise ValueError("max_daily_return must be positive")
+        if self.min_price < 0:
+            raise ValueError("min_price must not be negative")
+        if self.outlier_std_threshold <= 0:
+            raise ValueError("outlier_std_threshold must be positive")
+        if self.daily_drop_threshold <= -1.0:
+            raise ValueError("daily_drop_threshold must be above -1")
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    dates: np.ndarray  # datetime64[D], from the first date a kept asset has a close
+    values: np.ndarray  # float64, first value 100.0
+    symbols: list[str]  # the assets kept; the columns of `weights`
+    rebalance_dates: np.ndarray  # datetime64[D]
+    weights: np.ndarray  # (rebalances, symbols) target weights; rows sum to 1, 0 if ineligible
+    dropped: dict[str, str] = field(default_factory=dict)  # symbol -> why it was dropped
+
+
+# --- 1. cleaning ----------------------------------------------------------------------------
+
+
+def forward_fill(closes: np.ndarray, limit: int) -> np.ndarray:
+    """Fill each gap with the last close for at most `limit` consecutive days (longer gaps stay
+    partly missing: a stale price must not pass for a traded one)."""
+    rows = np.arange(closes.shape[0])[:, None]
+    valid = ~np.isnan(closes)
+    last = np.maximum.accumulate(np.where(valid, rows, -1), axis=0)  # row of the last close
+    filled = np.take_along_axis(closes, np.maximum(last, 0), axis=0)
+    keep = valid | ((last >= 0) & (rows - last <= limit))
+    return np.where(keep, filled, np.nan)
+
+
+def missing_fractions(closes: np.ndarray) -> np.ndarray:
+    """Share of missing days over each asset's own listed period (its first close to the last
+    date), so a late listing is not punished for the years before it existed; 1.0 if never
+    listed."""
+    n = closes.shape[0]
+    valid = ~np.isnan(closes)
+    listed = valid.any(axis=0)
+    period = n - np.where(listed, valid.argmax(axis=0), n)
+    missing = period - valid.sum(axis=0)
+    return np.where(listed, missing / np.maximum(period, 1), 1.0)
+
+
+# --- 2. returns -----------------------------------------------------------------------------
+
+
+def _running(values: np.ndarray, window: int = 0) -> np.ndarray:
+    """Row window + t holds the column sums of rows < t (rows before it are zeros), so the sum
+    of rows [t - window, t) is row window + t minus row t."""
+    zeros = np.zeros((window + 1, values.shape[1]))
+    return np.concatenate([zeros, np.cumsum(values, axis=0)])
+
+
+def trailing_stats(
+    x: np.ndarray, window: int = LOOKBACK_DAYS, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count, mean and sample std (ddof=1) of the valid values of rows [t - window, t), for each
+    row t in `rows` (default every row): strictly before t, so day t never sees day t or later.
+
+    Mean is NaN without values, std NaN with fewer than 2. A window whose sum of squared
+    deviations is within the rounding error of the running sums has std 0 (constant values).
+    """
+    n = x.shape[0]
+    lo: slice | np.ndarray  # running-sum rows of the window starts and ends
+    hi: slice | np.ndarray
+    if rows is None:
+        lo, hi = slice(0, n), slice(window, window + n)
+    else:
+        lo = np.asarray(rows)
+        hi = lo + window
+    valid = ~np.isnan(x)
+    z = np.where(valid, x, 0.0)
+    c0, c1, c2, c_abs = (_running(v, window) for v in (valid.astype(float), z, z * z, np.abs(z)))
+    count = c0[hi] - c0[lo]
+    s1, s2 = c1[hi] - c1[lo], c2[hi] - c2[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, s1 / count, np.nan)
+        known_mean = np.where(count > 0, mean, 0.0)
+        squares = s2 - s1 * known_mean
+        # Each window sum adds at most `window` terms to running sums of this size.
+        size = c2[hi] + np.abs(known_mean) * c_abs[hi]
+        squares = np.where(squares > 4 * window * np.finfo(float).eps * size, squares, 0.0)
+        std = np.where(count >= 2, np.sqrt(squares / (count - 1)), np.nan)
+    return count, mean, std
+
+
+def clean_returns(closes: np.ndarray, params: StrategyParams) -> np.ndarray:
+    """Simple daily returns, clipped to [min, max] daily return, outliers replaced.
+
+    Outlier: a return farther than outlier_std_threshold x std from the mean of the
+    LOOKBACK_DAYS clipped returns before it (at least MIN_OUTLIER_HISTORY of them, std > 0);
+    it becomes the median of that same window. Only past data is used, so a later price never
+    changes an earlier return. Row 0 is NaN (no previous close), as is every return whose
+    closes are not both known.
+    """
+    returns = np.full(closes.shape, np.nan, order="F")  # column-major: fast per-asset sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        returns[1:] = closes[1:] / closes[:-1] - 1.0
+    returns = np.clip(returns, params.min_daily_return, params.max_daily_return)
+    count, mean, std = trailing_stats(returns)
+    with np.errstate(invalid="ignore"):
+        outlier = (
+            (count >= MIN_OUTLIER_HISTORY)
+            & (std > 0)
+            & (np.abs(returns - mean) > params.outlier_std_threshold * std)
+        )
+    days, assets = np.nonzero(outlier)
+    if len(days):
+        # Row d + k of `padded` is return row d - LOOKBACK_DAYS + k: the window before day d.
+        padded = np.vstack([np.full((LOOKBACK_DAYS, closes.shape[1]), np.nan), returns])
+        windows = padded[days[:, None] + np.arange(LOOKBACK_DAYS), assets[:, None]]
+        returns[days, assets] = np.nanmedian(windows, axis=1)
+    return returns
+
+
+# --- 3. rebalance dates and lookback statistics ---------------------------------------------
+
+
+def rebalance_rows(
+    dates: np.ndarray, frequency: str, allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of the rebalance dates: the first allowed date, then each time the first allowed
+    date at least N calendar days after the previous rebalance (N = REBALANCE_DAYS[frequency]).
+
+    `allowed` (bool per date, default all) excludes dates on which nothing can be held.
+    """
+    n = len(dates)
+    allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    # next_allowed[i]: the first allowed row >= i (n when none).
+    next_allowed = np.minimum.accumulate(np.where(allowed, np.arange(n), n)[::-1])[::-1]
+    next_allowed = np.append(next_allowed, n)
+    step = np.timedelta64(REBALANCE_DAYS[frequency], "D")
+    rows: list[int] = []
+    row = int(next_allowed[0])
+    while row < n:
+        rows.append(row)
+        row = int(next_allowed[np.searchsorted(dates, dates[row] + step)])
+    return np.array(rows, dtype=int)
+
+
+def lookback_stats(
+    returns: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Momentum, volatility and number of returns of the lookback of each rebalance row.
+
+    Lookback of row t: the LOOKBACK_DAYS returns of rows [t - LOOKBACK_DAYS, t), i.e. ending
+    the day before the rebalance. Momentum: compound return of its last MOMENTUM_DAYS returns
+    (a missing return counts 0). Volatility: sample std of its returns (NaN with fewer than 2).
+    """
+    count, _, std = trailing_stats(returns, LOOKBACK_DAYS, rows)
+    logs = _running(np.log1p(np.where(np.isnan(returns), 0.0, returns)), MOMENTUM_DAYS)
+    momentum = np.expm1(logs[rows + MOMENTUM_DAYS] - logs[rows])
+    return momentum, std, count
+
+
+# --- 4. target weights ----------------------------------------------------------------------
+
+
+def _equal(eligible: np.ndarray) -> np.ndarray:
+    return eligible / np.maximum(eligible.sum(axis=-1, keepdims=True), 1)
+
+
+def _normalise(scores: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Scores (NaN or negative count 0) over the eligible assets summing to 1; equal weight
+    over the eligible assets when they sum to 0. Works on the last axis."""
+    scores = np.where(eligible, np.nan_to_num(scores, nan=0.0, posinf=0.0), 0.0)
+    scores = np.maximum(scores, 0.0)
+    total = scores.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, scores / np.where(total > 0, total, 1.0), _equal(eligible))
+
+
+def target_weights(
+    momentum: np.ndarray,
+    volatility: np.ndarray,
+    eligible: np.ndarray,
+    params: StrategyParams,
+    market_caps: np.ndarray | None = None,
+) -> np.ndarray:
+    """Mix of momentum, market-cap and risk-parity weights over the eligible assets.
+
+    Arrays are (assets,) or (rebalances, assets). Momentum: assets above daily_drop_threshold,
+    negative momentum as 0, normalised; equal weight if that leaves nothing. Market cap: caps
+    normalised, equal weight without caps. Risk parity: inverse volatility, normalised; an
+    asset without a usable volatility (< 2 returns, or 0) gets the median inverse volatility of
+    the others (neutral), and equal weight when no asset has one.
+    """
+    eligible = np.asarray(eligible, dtype=bool)
+    equal = _equal(eligible)
+    qualifies = eligible & (momentum > params.daily_drop_threshold)
+    scores = np.where(qualifies, np.clip(np.nan_to_num(momentum), 0.0, None), 0.0)
+    total = scores.sum(axis=-1, keepdims=True)
+    w_momentum = np.where(total > 0, scores / np.where(total > 0, total, 1.0), equal)
+    w_cap = equal if market_caps is None else _normalise(market_caps, eligible)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.where(eligible & (volatility > 0), 1.0 / volatility, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no asset has a vol
+        neutral = np.nanmedian(inverse, axis=-1, keepdims=True)
+    inverse = np.where(eligible & np.isnan(inverse), neutral, inverse)
+    w_risk = _normalise(inverse, eligible)  # all NaN -> equal weight
+    mixed = (
+        params.momentum_weight * w_momentum
+        + params.market_cap_weight * w_cap
+        + params.risk_parity_weight * w_risk
+    )
+    return _normalise(mixed, eligible)
+
+
+# --- 5. the index ---------------------------------------------------------------------------
+
+
+def index_values(returns: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Index level on every date, base 100 on the first, holdings drifting between rebalances.
+
+    Weights k are set at the close before rows[k] and held (buy and hold) until the close before
+    the next rebalance: w_i(t+1) = w_i(t)(1 + r_i(t)) / (1 + R_p(t)), R_p(t) = sum w_i(t) r_i(t),
+    which is the same as level x sum_i w_i x prod(1 + r_i). Missing returns count 0.
+    """
+    growth = np.where(np.isnan(returns), 1.0, 1.0 + returns)
+    values = np.empty(returns.shape[0])
+    values[: rows[0]] = 1.0  # before the first rebalance nothing is held
+    level = 1.0
+    bounds = [*rows.tolist(), returns.shape[0]]
+    for k in range(len(rows)):
+        first, stop = bounds[k], bounds[k + 1]
+        values[first:stop] = level * (np.cumprod(growth[first:stop], axis=0) @ weights[k])
+        level = values[stop - 1]
+    return values / values[0] * 100.0
+
+
+def compute_index(
+    dates: np.ndarray,
+    symbols: Sequence[str],
+    closes: np.ndarray,
+    params: StrategyParams | None = None,
+    market_caps: np.ndarray | None = None,
+) -> IndexResult:
+    """Index values (base 100) and target weights at each rebalance date (DOMAIN.md steps 1-5).
+
+    The index starts on the first date any kept asset has a close. A date on which no kept
+    asset has a close is never a rebalance date (the holdings keep drifting).
+    """
+    params = params or StrategyParams()
+    dates = np.asarray(dates, dtype="datetime64[D]")
+    closes = np.array(closes, dtype=float, order="F")  # a copy, column-major: per-asset sums
+    if closes.ndim != 2 or closes.shape != (len(dates), len(symbols)):
+        raise ValueError(
+            f"closes has shape {closes.shape}, expected ({len(dates)}, {len(symbols)})"
+        )
+    if market_caps is not None:
+        market_caps = np.asarray(market_caps, dtype=float)
+        if market_caps.shape != closes.shape:
+            raise ValueError(f"market_caps has shape {market_caps.shape}, expected {closes.shape}")
+    if len(dates) < 2:
+        raise ValueError(f"need prices on at least 2 dates to compute an index, got {len(dates)}")
+    if np.any(np.diff(dates) <= np.timedelta64(0, "D")):
+        raise ValueError("dates must be strictly increasing")
+
+    # 1. Cleaning: too-low (or invalid) closes are missing; short gaps filled; gappy assets go.
+    with np.errstate(invalid="ignore"):
+        closes[~(np.isfinite(closes) & (closes > 0) & (closes >= params.min_price))] = np.nan
+    filled = forward_fill(closes, params.max_forward_fill_days)
+    missing = missing_fractions(filled)
+    keep = missing < MAX_MISSING_FRACTION
+    dropped = {
+        s: ("no valid price" if m >= 1.0 else f"{m:.0%} of its listed days missing")
+        for s, m, k in zip(symbols, missing, keep, strict=True)
+        if not k
+    }
+    if not keep.any():
+        raise ValueError(
+            f"no asset has enough valid prices to compute an index ({len(symbols)} dropped)"
+        )
+    kept = [s for s, k in zip(symbols, keep, strict=True) if k]
+    begin = int((~np.isnan(filled[:, keep])).any(axis=1).argmax())
+    dates, filled = dates[begin:], filled[begin:, keep]
+    caps = None if market_caps is None else market_caps[begin:, keep]
+    if len(dates) < 2:
+        raise ValueError("the kept assets have prices on fewer than 2 dates")
+
+    # 2.-3. Returns, rebalance dates, lookback statistics (data up to the day before).
+    returns = clean_returns(filled, params)
+    eligible = ~np.isnan(filled)
+    rows = rebalance_rows(dates, params.rebalance_frequency, eligible.any(axis=1))
+    momentum, volatility, observations = lookback_stats(returns, rows)
+
+    # 4. Target weights; with no history at all (the first date) every component is equal.
+    weights = target_weights(
+        momentum, volatility, eligible[rows], params, None if caps is None else caps[rows]
+    )
+    no_history = (observations == 0).all(axis=1)
+    weights[no_history] = _equal(eligible[rows][no_history])
+
+    # 5. Index values.
+    return IndexResult(
+        dates=dates,
+        values=index_values(returns, rows, weights),
+        symbols=kept,
+        rebalance_dates=dates[rows],
+        weights=weights,
+        dropped=dropped,
+    )

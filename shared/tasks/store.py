@@ -1,0 +1,319 @@
+"""Database reads and writes of the domain: what the tasks load and store, in bulk.
+
+Every write is an upsert keyed on the natural key, so running a task twice leaves the same rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session
+
+from tasks import metrics
+from tasks.db import COPY_MIN_ROWS, can_copy, copy_upsert, upsert
+from tasks.index import IndexResult, StrategyParams
+from tasks.market_data import SEED_ASSETS, Bar
+from tasks.models import (
+    Allocation,
+    Asset,
+    IndexValue,
+    Price,
+    Report,
+    RiskMetric,
+    StrategyConfig,
+    TaskRun,
+)
+
+BENCHMARK_SYMBOL = "^GSPC"
+DELETE_BATCH = 5000
+
+
+def seed_assets(session: Session) -> int:
+    """Insert or update the seed universe and the default strategy row. Idempotent."""
+    rows = [
+        {
+            "symbol": a["symbol"],
+            "name": a["name"],
+            "asset_class": a["asset_class"],
+            "is_active": a.get("is_active", True),
+            "is_benchmark": a["symbol"] == BENCHMARK_SYMBOL,
+        }
+        for a in SEED_ASSETS
+    ]
+    upsert(session, Asset.__table__, rows, ["symbol"], ["name", "asset_class", "is_benchmark"])
+    strategy_config(session)
+    return len(rows)
+
+
+def strategy_config(session: Session) -> StrategyParams:
+    """The strategy from `strategy_config` (its one row, created with defaults if missing)."""
+    row = session.scalars(select(StrategyConfig).order_by(StrategyConfig.id).limit(1)).first()
+    if row is None:
+        row = StrategyConfig(**{f: getattr(StrategyParams(), f) for f in _STRATEGY_FIELDS})
+        session.add(row)
+        session.flush()
+    return StrategyParams(**{f: getattr(row, f) for f in _STRATEGY_FIELDS})
+
+
+_STRATEGY_FIELDS = (
+    "momentum_weight",
+    "market_cap_weight",
+    "risk_parity_weight",
+    "rebalance_frequency",
+    "daily_drop_threshold",
+    "min_price",
+    "max_daily_return",
+    "min_daily_return",
+    "max_forward_fill_days",
+    "outlier_std_threshold",
+)
+
+
+def assets_for_refresh(session: Session, symbols: Sequence[str] | None) -> list[Asset]:
+    query = select(Asset).order_by(Asset.symbol)
+    if symbols is None:
+        query = query.where(Asset.is_active.is_(True))
+    else:
+        query = query.where(Asset.symbol.in_(symbols))
+    return list(session.scalars(query))
+
+
+def newest_price_dates(session: Session, asset_ids: Sequence[int]) -> dict[int, dt.date]:
+    rows = session.execute(
+        select(Price.asset_id, func.max(Price.date))
+        .where(Price.asset_id.in_(asset_ids))
+        .group_by(Price.asset_id)
+    )
+    return {asset_id: newest for asset_id, newest in rows if newest is not None}
+
+
+def upsert_prices(
+    session: Session, asset_ids: dict[str, int], bars: Sequence[Bar], source: str, min_price: float
+) -> tuple[int, int]:
+    """Upsert bars (closes below min_price dropped). Returns (inserted, updated)."""
+    kept = [b for b in bars if b.symbol in asset_ids and b.close >= min_price]
+    if not kept:
+        return 0, 0
+    now = dt.datetime.now(dt.UTC)
+    # One row per key (the last): a provider repeating a day must not make ON CONFLICT hit a
+    # row twice.
+    unique = list(
+        {
+            (asset_ids[b.symbol], b.date): {
+                "asset_id": asset_ids[b.symbol],
+                "date": b.date,
+                "close": b.close,
+                "open": b.open,
+                "high": b.high,
+                "low": b.low,
+                "volume": b.volume,
+                "source": source,
+                "updated_at": now,
+            }
+            for b in kept
+        }.values()
+    )
+    keys, update = (
+        ["asset_id", "date"],
+        ["close", "open", "high", "low", "volume", "source", "updated_at"],
+    )
+    if len(unique) >= COPY_MIN_ROWS and can_copy(session):
+        # COPY into a temporary table; it counts the rows that existed before.
+        inserted, updated = copy_upsert(session, Price.__table__, unique, keys, update)
+    else:
+        ids = sorted({asset_ids[b.symbol] for b in kept})
+        first, last = min(b.date for b in kept), max(b.date for b in kept)
+        existing = set(
+            session.execute(
+                select(Price.asset_id, Price.date).where(
+                    Price.asset_id.in_(ids), Price.date >= first, Price.date <= last
+                )
+            ).tuples()
+        )
+        upsert(session, Price.__table__, unique, keys, update)
+        inserted = sum(1 for r in unique if (r["asset_id"], r["date"]) not in existing)
+        updated = len(unique) - inserted
+    metrics.rows_upserted("prices", len(unique))
+    return inserted, updated
+
+
+def price_matrix(
+    session: Session, start: dt.date | None, end: dt.date | None, *, benchmark: bool = False
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(dates as datetime64[D], symbols, closes with NaN where missing) of active assets."""
+    query = (
+        select(Asset.symbol, Price.date, Price.close)
+        .join(Price, Price.asset_id == Asset.id)
+        .where(Asset.is_active.is_(True), Asset.is_benchmark.is_(benchmark))
+    )
+    if start:
+        query = query.where(Price.date >= start)
+    if end:
+        query = query.where(Price.date <= end)
+    rows = session.execute(query).all()
+    if not rows:
+        return np.array([], dtype="datetime64[D]"), [], np.empty((0, 0))
+    symbols_col = np.array([r[0] for r in rows])
+    dates_col = np.array([r[1] for r in rows], dtype="datetime64[D]")
+    closes_col = np.array([r[2] for r in rows], dtype=float)
+    symbols, sym_idx = np.unique(symbols_col, return_inverse=True)
+    dates, date_idx = np.unique(dates_col, return_inverse=True)
+    closes = np.full((len(dates), len(symbols)), np.nan)
+    closes[date_idx, sym_idx] = closes_col
+    return dates, [str(s) for s in symbols], closes
+
+
+def write_index(session: Session, result: IndexResult) -> int:
+    """Upsert index values and allocations; drop stale rows of the recomputed span."""
+    first = result.dates[0].astype(object)
+    last = result.dates[-1].astype(object)
+    values = [
+        {"date": d.astype(object), "value": float(v)}
+        for d, v in zip(result.dates, result.values, strict=True)
+    ]
+    session.execute(
+        delete(IndexValue).where(
+            IndexValue.date >= first,
+            IndexValue.date <= last,
+            IndexValue.date.not_in([v["date"] for v in values]),
+        )
+    )
+    written = upsert(session, IndexValue.__table__, values, ["date"], ["value"])
+    ids = dict(
+        session.execute(
+            select(Asset.symbol, Asset.id).where(Asset.symbol.in_(result.symbols))
+        ).all()
+    )
+    allocations = [
+        {"date": d.astype(object), "asset_id": ids[s], "weight": float(w)}
+        for d, row in zip(result.rebalance_dates, result.weights, strict=True)
+        for s, w in zip(result.symbols, row, strict=True)
+        if w > 0
+    ]
+    # A recomputation may choose other assets or dates: old allocations of the span go.
+    session.execute(delete(Allocation).where(Allocation.date >= first, Allocation.date <= last))
+    written += upsert(session, Allocation.__table__, allocations, ["date", "asset_id"], ["weight"])
+    metrics.rows_upserted("index_values", len(values))
+    metrics.rows_upserted("allocations", len(allocations))
+    return written
+
+
+def index_series(session: Session, since: dt.date | None = None) -> tuple[np.ndarray, np.ndarray]:
+    query = select(IndexValue.date, IndexValue.value).order_by(IndexValue.date)
+    if since:
+        query = query.where(IndexValue.date >= since)
+    rows = session.execute(query).all()
+    return (
+        np.array([r[0] for r in rows], dtype="datetime64[D]"),
+        np.array([r[1] for r in rows], dtype=float),
+    )
+
+
+def benchmark_series(
+    session: Session, since: dt.date | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    query = (
+        select(Price.date, Price.close)
+        .join(Asset, Asset.id == Price.asset_id)
+        .where(Asset.symbol == BENCHMARK_SYMBOL)
+        .order_by(Price.date)
+    )
+    if since:
+        query = query.where(Price.date >= since)
+    rows = session.execute(query).all()
+    return (
+        np.array([r[0] for r in rows], dtype="datetime64[D]"),
+        np.array([r[1] for r in rows], dtype=float),
+    )
+
+
+def latest_allocation(session: Session) -> tuple[dt.date | None, list[dict[str, Any]]]:
+    newest = session.scalar(select(func.max(Allocation.date)))
+    if newest is None:
+        return None, []
+    rows = session.execute(
+        select(Asset.symbol, Asset.name, Asset.asset_class, Allocation.weight)
+        .join(Asset, Asset.id == Allocation.asset_id)
+        .where(Allocation.date == newest)
+        .order_by(Allocation.weight.desc())
+    ).all()
+    return newest, [
+        {"symbol": s, "name": n, "asset_class": c, "weight": float(w)} for s, n, c, w in rows
+    ]
+
+
+RISK_COLUMNS = (
+    "total_return",
+    "annualized_return",
+    "volatility",
+    "sharpe",
+    "sortino",
+    "max_drawdown",
+    "current_drawdown",
+    "var_95",
+    "var_99",
+    "beta",
+    "correlation",
+    "information_ratio",
+)
+
+
+def write_risk_metrics(session: Session, day: dt.date, values: dict[str, Any]) -> None:
+    row = {"date": day, **{c: values.get(c) for c in RISK_COLUMNS}}
+    upsert(session, RiskMetric.__table__, [row], ["date"], list(RISK_COLUMNS))
+
+
+def latest_risk_metrics(session: Session) -> dict[str, Any] | None:
+    row = session.scalars(select(RiskMetric).order_by(RiskMetric.date.desc()).limit(1)).first()
+    if row is None:
+        return None
+    return {"date": row.date.isoformat(), **{c: getattr(row, c) for c in RISK_COLUMNS}}
+
+
+def save_report(session: Session, task_id: str | None, values: dict[str, Any]) -> int:
+    """Persist a report; the same task id (a redelivery) updates its report, never adds one."""
+    row = {"task_id": task_id, "created_at": dt.datetime.now(dt.UTC), **values}
+    if task_id is None:
+        report = Report(**row)
+        session.add(report)
+        session.flush()
+        return report.id
+    upsert(session, Report.__table__, [row], ["task_id"], [k for k in row if k != "task_id"])
+    report_id = session.scalar(select(Report.id).where(Report.task_id == task_id))
+    assert report_id is not None
+    return report_id
+
+
+# (table, the column that dates a row)
+RETENTION: tuple[tuple[Any, Any], ...] = (
+    (Price, Price.date),
+    (IndexValue, IndexValue.date),
+    (Allocation, Allocation.date),
+    (RiskMetric, RiskMetric.date),
+    (Report, Report.created_at),
+    (TaskRun, TaskRun.started_at),
+)
+
+
+def delete_batch(session: Session, model: Any, column: Any, cutoff: Any) -> int:
+    """Delete at most DELETE_BATCH rows older than cutoff (short transactions, no long locks)."""
+    ids = select(model.id).where(column < cutoff).limit(DELETE_BATCH).scalar_subquery()
+    result = session.execute(delete(model).where(model.id.in_(ids)))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def record_task_run(session: Session, values: dict[str, Any]) -> None:
+    upsert(session, TaskRun.__table__, [values], ["task_id"], [k for k in values if k != "task_id"])
+
+
+def ping_database(session: Session) -> None:
+    session.execute(text("SELECT 1"))
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
