@@ -1,0 +1,308 @@
+"""The rendered containers' real commands, run as local processes against real Redis/PostgreSQL.
+
+The chart is rendered with an external Redis (a password-protected redis-server of this module)
+and a fresh PostgreSQL database, so REDIS_URL and DATABASE_URL are composed exactly as in a pod
+(`$(REDIS_PASSWORD)` expanded from the Secret the chart rendered). Each test takes one
+container's args, env and probes and runs them from the repository root, as the image runs them
+from /app. Only ports and the health-file directory are moved, so that tests do not collide.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chart_helpers import REPO, container, get, merge, render_chart
+from pod_runner import LocalPod, argv_of, container_env, process_env
+
+from conftest import RedisServer, create_database, free_port
+
+SERVICES = ["worker-high", "worker-low", "beat", "flower"]
+# The values under test: everything else is the chart's defaults.
+SCHEDULE = "* * * * *"  # crontab cannot go faster than a minute
+SOFT_SHUTDOWN = "2"
+
+
+def require_services() -> None:
+    missing = [s for s in SERVICES if not (REPO / "services" / s / "run").exists()]
+    if missing or not (REPO / "shared" / "tasks" / "celery_app.py").exists():
+        pytest.fail(
+            f"the services' commands do not exist yet: services/{missing}/run, tasks.celery_app"
+        )
+
+
+_database: list[str] = []
+
+
+def process_values(broker: RedisServer) -> dict[str, Any]:
+    """The chart's values for these tests: external Redis = our redis-server, a fresh database."""
+    require_services()
+    if not _database:
+        _database.append(create_database())
+    return {
+        "redis": {"enabled": False},
+        "externalRedis": {"host": "127.0.0.1", "port": broker.port, "password": broker.password},
+        "database": {"url": _database[0]},
+        "config": {
+            "SCHEDULE_COMPUTE_INDEX": SCHEDULE,
+            "WORKER_SOFT_SHUTDOWN_TIMEOUT": SOFT_SHUTDOWN,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[RedisServer]:
+    server = RedisServer(password=secrets.token_hex(12)).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def objects(broker: RedisServer) -> list[dict[str, Any]]:
+    require_services()
+    values = {
+        "redis": {"enabled": False},
+        "externalRedis": {"host": "127.0.0.1", "port": broker.port, "password": broker.password},
+        "database": {"url": create_database()},
+        "config": {
+            "SCHEDULE_COMPUTE_INDEX": SCHEDULE,
+            "WORKER_SOFT_SHUTDOWN_TIMEOUT": SOFT_SHUTDOWN,
+        },
+    }
+    return render_chart(values)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early_beat(
+    objects: list[dict[str, Any]], broker: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalPod]:
+    """beat from its rendered Deployment, started with the module (its first send is up to a
+    minute away), on Redis database 1 so that the workers of the other tests see none of it."""
+    beat_objects = render_chart(merge(process_values(broker), {"externalRedis": {"db": 1}}))
+    tmp = tmp_path_factory.mktemp("beat")
+    beat = container(get(beat_objects, "Deployment", "beat"))
+    pod = LocalPod(beat_objects, beat, tmp / "beat.log", HEALTH_DIR=str(tmp / "health"))
+    yield pod
+    pod.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def redis(broker: RedisServer) -> Iterator[Any]:
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(broker.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def celery_client(broker: RedisServer) -> Any:
+    """A Celery app of our own on the module's broker (the test process submits with it)."""
+    from tasks.celery_app import create_app
+    from tasks.settings import Settings
+
+    return create_app(Settings(redis_url=broker.url))
+
+
+@pytest.fixture
+def pods(tmp_path: Path) -> Iterator[Any]:
+    started: list[LocalPod] = []
+
+    def start(objects: list[dict[str, Any]], kind: str, name: str, **overrides: str) -> LocalPod:
+        obj = get(objects, kind, name)
+        c = container(obj)
+        overrides.setdefault("HEALTH_DIR", str(tmp_path / "health" / name))
+        pod = LocalPod(objects, c, tmp_path / f"{name}.log", **overrides)
+        started.append(pod)
+        return pod
+
+    yield start
+    for pod in started:
+        pod.stop(signal.SIGKILL)
+
+
+def queued_tasks(redis: Any, queue: str) -> list[str]:
+    """Task names of the messages waiting in a kombu Redis queue."""
+    return [json.loads(raw)["headers"]["task"] for raw in redis.lrange(queue, 0, -1)]
+
+
+def test_redis_url_is_composed_from_the_secret(
+    objects: list[dict[str, Any]], broker: RedisServer
+) -> None:
+    env = container_env(objects, container(get(objects, "Deployment", "worker-high")))
+    assert env["REDIS_URL"] == broker.url
+    worker = container(get(objects, "Deployment", "worker-high"))
+    assert "$(REDIS_PASSWORD)" in next(
+        e["value"] for e in worker["env"] if e["name"] == "REDIS_URL"
+    )
+
+
+def test_migrate_job_creates_the_schema(objects: list[dict[str, Any]]) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    job = container(get(objects, "Job", "migrate"))
+    env = process_env(container_env(objects, job))
+    done = subprocess.run(
+        argv_of(job, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    engine = create_engine(env["DATABASE_URL"])
+    try:
+        tables = set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert {"alembic_version", "assets", "prices"} <= tables
+
+
+@pytest.mark.parametrize(
+    ("worker", "own", "other"),
+    [("high", "high_priority", "low_priority"), ("low", "low_priority", "high_priority")],
+)
+def test_worker_consumes_only_its_queues(
+    objects: list[dict[str, Any]],
+    pods: Any,
+    redis: Any,
+    celery_client: Any,
+    worker: str,
+    own: str,
+    other: str,
+) -> None:
+    deployment = get(objects, "Deployment", f"worker-{worker}")
+    pod = pods(objects, "Deployment", f"worker-{worker}", METRICS_PORT=str(free_port()))
+    pod.wait_probe("startupProbe", timeout=90)
+    assert pod.exec_probe("readinessProbe").returncode == 0
+    assert pod.exec_probe("livenessProbe").returncode == 0
+
+    foreign = celery_client.send_task("ping", queue=other)
+    mine = celery_client.send_task("ping", queue=own)
+    assert mine.get(timeout=30) == "pong"
+    time.sleep(2)  # time enough to (wrongly) take the other one too
+    assert queued_tasks(redis, other) == ["ping"], f"worker-{worker} consumed from {other}"
+    assert foreign.id not in pod.output
+    assert f"{worker}@" in pod.output  # the pod's --hostname
+
+    # SIGTERM as the kubelet sends it: dumb-init forwards it to celery only; REMAP_SIGTERM makes
+    # it a soft shutdown that ends well inside the pod's grace period.
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    started = time.monotonic()
+    code = pod.stop(signal.SIGTERM, timeout=grace)
+    assert code is not None, f"worker-{worker} outlived its grace period of {grace}s"
+    assert time.monotonic() - started < grace
+    assert "soft shutdown" in pod.output.lower(), pod.output[-2000:]
+
+
+def test_worker_serves_metrics_on_its_metrics_port(
+    objects: list[dict[str, Any]], pods: Any, redis: Any
+) -> None:
+    deployment = get(objects, "Deployment", "worker-high")
+    c = container(deployment)
+    port = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+    assert container_env(objects, c)["METRICS_PORT"] == str(port)
+    local = free_port()  # the pod's port, moved so that tests do not collide
+    pod = pods(objects, "Deployment", "worker-high", METRICS_PORT=str(local))
+    pod.wait_probe("startupProbe", timeout=90)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{local}/metrics", timeout=5) as r:
+                assert r.status == 200
+                break
+        except urllib.error.URLError as exc:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the worker serves no /metrics on METRICS_PORT ({exc}): tasks.metrics.install"
+                )
+            time.sleep(0.5)
+
+
+def test_helm_test_pod_gets_pong_from_a_worker(
+    objects: list[dict[str, Any]], pods: Any, redis: Any
+) -> None:
+    pods(objects, "Deployment", "worker-low", METRICS_PORT="0").wait_probe("startupProbe", 90)
+    test_pod = get(objects, "Pod", "test-ping")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = container(test_pod)
+    env = process_env(container_env(objects, c))
+    done = subprocess.run(
+        argv_of(c, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '"pong"' in done.stdout
+
+
+def test_beat_sends_the_schedule(early_beat: LocalPod, broker: RedisServer) -> None:
+    import redis as redis_py
+
+    early_beat.wait_probe("startupProbe", timeout=60)
+    assert early_beat.exec_probe("livenessProbe").returncode == 0
+    client = redis_py.Redis.from_url(early_beat.env["REDIS_URL"])
+    try:
+        # The crontab RedBeat keeps in Redis is the one from the chart's ConfigMap.
+        definition = client.hget("waardhaven:redbeat:compute-index-hourly", "definition")
+        assert definition, client.keys("waardhaven:redbeat:*")
+        assert json.loads(definition)["schedule"]["minute"] == SCHEDULE.split()[0]
+        # "* * * * *": sent at the next minute boundary (beat started with the module).
+        deadline = time.monotonic() + 75
+        while "compute_index" not in queued_tasks(client, "high_priority"):
+            assert time.monotonic() < deadline, early_beat.output[-3000:]
+            time.sleep(0.5)
+        assert "Sending due task compute-index-hourly" in early_beat.output
+    finally:
+        client.close()
+    assert early_beat.stop(signal.SIGTERM, timeout=30) is not None
+
+
+def _status(url: str, auth: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except urllib.error.URLError:
+        return 0  # not listening (yet)
+
+
+def test_flower_answers_401_without_and_200_with_credentials(
+    objects: list[dict[str, Any]], pods: Any
+) -> None:
+    flower = pods(objects, "Deployment", "flower", FLOWER_PORT=str(free_port()))
+    c = flower.container
+    base = f"http://127.0.0.1:{flower.env['FLOWER_PORT']}"
+    live = c["livenessProbe"]["httpGet"]["path"]
+    deadline = time.monotonic() + 60
+    while _status(base + live) != 200:
+        assert flower.proc.poll() is None, flower.output[-3000:]
+        assert time.monotonic() < deadline, flower.output[-3000:]
+        time.sleep(0.3)
+
+    ingress = get(objects, "Ingress", "flower")
+    path = ingress["spec"]["rules"][0]["http"]["paths"][0]["path"]
+    secret = get(objects, "Secret", "flower-auth")
+    user_password = base64.b64decode(secret["data"]["basic-auth"]).decode()
+    user, password = user_password.split(":", 1)
+    assert user == "admin" and len(password) >= 20
+
+    assert _status(f"{base}{path}/workers") == 401
+    assert _status(f"{base}{path}/workers", f"{user}:wrong-password") == 401
+    assert _status(f"{base}{path}/workers", user_password) == 200
+    assert _status(f"{base}{path}/tasks", user_password) == 200
+    # The authenticated readiness probe passes; with a wrong password it fails.
+    assert flower.exec_probe("readinessProbe").returncode == 0
+    flower.env["FLOWER_BASIC_AUTH"] = f"{user}:not-the-password"
+    assert flower.exec_probe("readinessProbe").returncode != 0

@@ -1,0 +1,186 @@
+"""Worker pools: Deployment, HPA, KEDA ScaledObject and PDB per entry of `workers`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from chart_helpers import by_kind, container, env_of, get, names, render_chart
+from value_sets import VALUE_SETS
+
+DEPLOYMENT = ["templates/workers/worker-deployment.yaml"]
+HPA = ["templates/workers/worker-hpa.yaml"]
+KEDA = ["templates/workers/worker-scaledobject.yaml"]
+PDB = ["templates/workers/worker-pdb.yaml"]
+
+
+class TestWorkerDeployment:
+    @pytest.mark.parametrize(
+        ("pool", "service", "queues"),
+        [("high", "worker-high", "high_priority"), ("low", "worker-low", "low_priority,default")],
+    )
+    def test_default_pools_run_their_service_on_their_queues(
+        self, pool: str, service: str, queues: str
+    ) -> None:
+        c = container(get(render_chart(show_only=DEPLOYMENT), "Deployment", f"worker-{pool}"))
+        assert "command" not in c  # the image's entrypoint (dumb-init) stays PID 1
+        assert c["args"][0] == f"services/{service}/run"
+        assert f"--hostname={pool}@%h" in c["args"]
+        env = env_of(c)
+        assert env["WORKER_QUEUES"] == queues
+        assert env["WORKER_CONCURRENCY"] == "2"
+        assert c["livenessProbe"]["exec"]["command"] == [f"services/{service}/healthcheck"]
+        assert c["readinessProbe"]["exec"]["command"] == [
+            f"services/{service}/healthcheck",
+            "ready",
+        ]
+
+    def test_a_third_queue_is_a_values_change(self) -> None:
+        objects = render_chart(VALUE_SETS["third-queue"])
+        deployment = get(objects, "Deployment", "worker-reports")
+        c = container(deployment)
+        assert env_of(c)["WORKER_QUEUES"] == "reports"
+        assert env_of(c)["WORKER_CONCURRENCY"] == "4"
+        assert "--hostname=reports@%h" in c["args"]
+        # The defaults of workerDefaults apply to the new pool.
+        assert c["resources"]["limits"]["memory"] == "1Gi"
+        hpa = get(objects, "HorizontalPodAutoscaler", "worker-reports")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 10)
+        assert get(objects, "PodDisruptionBudget", "worker-reports")
+
+    def test_replicas_are_left_out_when_autoscaled(self) -> None:
+        for d in by_kind(render_chart(show_only=DEPLOYMENT), "Deployment"):
+            assert "replicas" not in d["spec"]
+        keda = render_chart(VALUE_SETS["keda"], show_only=DEPLOYMENT)
+        assert all("replicas" not in d["spec"] for d in keda)
+        fixed = render_chart(VALUE_SETS["no-autoscaling"], show_only=DEPLOYMENT)
+        assert [d["spec"]["replicas"] for d in fixed] == [2, 2]
+
+    def test_an_entry_overrides_one_autoscaling_key_and_keeps_the_others(self) -> None:
+        values: dict[str, Any] = {"workers": {"high": {"autoscaling": {"maxReplicas": 4}}}}
+        hpa = get(render_chart(values, show_only=HPA), "HorizontalPodAutoscaler", "worker-high")
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 4)
+        values = {"workers": {"high": {"autoscaling": {"enabled": False}, "replicas": 1}}}
+        objects = render_chart(values, show_only=DEPLOYMENT + HPA)
+        assert names(objects, "HorizontalPodAutoscaler") == {"waardhaven-tasks-worker-low"}
+        assert get(objects, "Deployment", "worker-high")["spec"]["replicas"] == 1
+
+    def test_disabled_pool_renders_nothing(self) -> None:
+        values = {"workers": {"reports": {"queues": ["reports"], "enabled": False}}}
+        objects = render_chart(values)
+        assert not [o for o in objects if o["metadata"]["name"].endswith("worker-reports")]
+
+    def test_grace_period_exceeds_the_soft_shutdown(self) -> None:
+        objects = render_chart(show_only=[*DEPLOYMENT, "templates/configmap.yaml"])
+        soft = float(get(objects, "ConfigMap", "config")["data"]["WORKER_SOFT_SHUTDOWN_TIMEOUT"])
+        for d in by_kind(objects, "Deployment"):
+            grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert grace > soft + 15
+
+    def test_rollout_adds_pods_before_removing_any(self) -> None:
+        for d in render_chart(show_only=DEPLOYMENT):
+            assert d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+    def test_preferred_anti_affinity_spreads_a_pool_over_nodes(self) -> None:
+        d = get(render_chart(show_only=DEPLOYMENT), "Deployment", "worker-high")
+        terms = d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+        term = terms[0]["podAffinityTerm"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker-high"
+
+    def test_metrics_port_and_scrape_annotations(self) -> None:
+        d = get(render_chart(show_only=DEPLOYMENT), "Deployment", "worker-low")
+        annotations = d["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == "9808"
+        assert container(d)["ports"] == [
+            {"name": "metrics", "containerPort": 9808, "protocol": "TCP"}
+        ]
+        off = render_chart({"metrics": {"enabled": False}}, show_only=DEPLOYMENT)
+        for d in off:
+            assert "ports" not in container(d)
+            assert "prometheus.io/scrape" not in d["spec"]["template"]["metadata"]["annotations"]
+
+    @pytest.mark.parametrize(
+        ("change", "annotation"),
+        [
+            ({"config": {"LOG_LEVEL": "DEBUG"}}, "checksum/config"),
+            ({"database": {"url": "postgresql+psycopg2://other@db/x"}}, "checksum/secret"),
+            ({"secretEnv": {"TWELVEDATA_API_KEY": "new-key"}}, "checksum/secret"),
+        ],
+    )
+    def test_checksums_roll_pods_when_settings_change(
+        self, change: dict[str, Any], annotation: str
+    ) -> None:
+        def checksums(values: dict[str, Any] | None) -> dict[str, str]:
+            d = get(render_chart(values, show_only=DEPLOYMENT), "Deployment", "worker-high")
+            annotations: dict[str, str] = d["spec"]["template"]["metadata"]["annotations"]
+            return annotations
+
+        before, after = checksums(None), checksums(change)
+        assert before[annotation] != after[annotation]
+        other = ({"checksum/config", "checksum/secret"} - {annotation}).pop()
+        assert before[other] == after[other]
+
+
+class TestWorkerHPA:
+    def test_cpu_hpa_3_to_10_scaling_down_slower_than_up(self) -> None:
+        hpas = by_kind(render_chart(show_only=HPA), "HorizontalPodAutoscaler")
+        assert len(hpas) == 2
+        for hpa in hpas:
+            spec = hpa["spec"]
+            assert hpa["apiVersion"] == "autoscaling/v2"
+            assert (spec["minReplicas"], spec["maxReplicas"]) == (3, 10)
+            assert spec["scaleTargetRef"]["name"] == hpa["metadata"]["name"]
+            assert spec["metrics"][0]["resource"]["name"] == "cpu"
+            up, down = spec["behavior"]["scaleUp"], spec["behavior"]["scaleDown"]
+            assert down["stabilizationWindowSeconds"] > up["stabilizationWindowSeconds"]
+            assert max(p["value"] for p in down["policies"] if p["type"] == "Pods") < max(
+                p["value"] for p in up["policies"] if p["type"] == "Pods"
+            )
+
+
+class TestWorkerKeda:
+    def test_scaled_object_on_each_queue_length_instead_of_the_hpa(self) -> None:
+        objects = render_chart(VALUE_SETS["keda"], show_only=HPA + KEDA)
+        assert not by_kind(objects, "HorizontalPodAutoscaler")
+        low = get(objects, "ScaledObject", "worker-low")
+        assert low["spec"]["scaleTargetRef"]["name"] == "waardhaven-tasks-worker-low"
+        assert (low["spec"]["minReplicaCount"], low["spec"]["maxReplicaCount"]) == (3, 10)
+        triggers = low["spec"]["triggers"]
+        assert [t["metadata"]["listName"] for t in triggers] == ["low_priority", "default"]
+        for t in triggers:
+            assert t["type"] == "redis"
+            assert t["metadata"]["address"] == "waardhaven-tasks-redis:6379"
+            assert t["metadata"]["passwordFromEnv"] == "REDIS_PASSWORD"
+
+    def test_external_tls_redis_reaches_the_trigger(self) -> None:
+        values = {**VALUE_SETS["keda"], **VALUE_SETS["external-redis"]}
+        so = get(render_chart(values, show_only=KEDA), "ScaledObject", "worker-high")
+        meta = so["spec"]["triggers"][0]["metadata"]
+        assert meta["address"] == "redis.example.internal:6380"
+        assert (meta["databaseIndex"], meta["enableTLS"]) == ("2", "true")
+
+    def test_keda_and_hpa_together_are_refused(self) -> None:
+        values = {"workers": {"low": {"keda": {"enabled": True}}}}
+        with pytest.raises(
+            Exception, match=r"workers\.low: autoscaling\.enabled and keda\.enabled"
+        ):
+            render_chart(values)
+
+
+class TestWorkerPDB:
+    def test_one_pod_at_a_time_per_pool(self) -> None:
+        pdbs = by_kind(render_chart(show_only=PDB), "PodDisruptionBudget")
+        assert {p["metadata"]["name"] for p in pdbs} == {
+            "waardhaven-tasks-worker-high",
+            "waardhaven-tasks-worker-low",
+        }
+        for pdb in pdbs:
+            assert pdb["spec"]["maxUnavailable"] == 1
+            component = pdb["metadata"]["name"].removeprefix("waardhaven-tasks-")
+            assert (
+                pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
+            )
