@@ -1,0 +1,280 @@
+"""Shared pieces of the fault-injection scenarios: figures, effects, processes, servers.
+
+Every scenario ends with `record(...)`: its figures go to the JSON file named by CHAOS_RESULTS
+(default: waardhaven-chaos-results.json in the temp dir), which `scripts/chaos.py` prints as
+one table. The effects of the test-only tasks (tests/support/chaos_tasks.py) live in two
+tables of the database the workers use, created here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+
+from conftest import REPO, free_port
+
+SUPPORT = REPO / "tests" / "support"
+# Loads the test-only tasks (test.sleep, test.fail, chaos.*) into a worker.
+CHAOS_TASKS = {
+    "WAARDHAVEN_EXTRA_TASK_MODULES": "extra_tasks,chaos_tasks",
+    "PYTHONPATH": str(SUPPORT),
+}
+# Short limits, so a redelivery after a worker's death happens within the test: the hard
+# limit below the visibility timeout, the soft one below the hard one (settings check both).
+VISIBILITY_TIMEOUT = 10
+SHORT_LIMITS = {
+    "VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+    "TASK_TIME_LIMIT": "8",
+    "TASK_SOFT_TIME_LIMIT": "6",
+}
+# kombu's sweep for messages past the visibility timeout runs every 10 s
+# (`unacked_restore_interval`, with `unacked_restore_throttle` = 1 in tasks.celery_app).
+RESTORE_SWEEP = 10
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def results_path() -> Path:
+    return Path(
+        os.environ.get("CHAOS_RESULTS")
+        or Path(tempfile.gettempdir()) / "waardhaven-chaos-results.json"
+    )
+
+
+def record(
+    scenario: str,
+    *,
+    sent: int,
+    completed: int,
+    duplicated: int,
+    lost: int,
+    recover_s: float | None,
+    **details: Any,
+) -> None:
+    """Add (or replace) one scenario's figures in the results file; also print them."""
+    row = {
+        "scenario": scenario,
+        "sent": sent,
+        "completed": completed,
+        "duplicated": duplicated,
+        "lost": lost,
+        "recover_s": None if recover_s is None else round(recover_s, 1),
+        **details,
+    }
+    print(f"\nCHAOS {json.dumps(row)}")
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            rows = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            rows = {}
+        rows[scenario] = row
+        path.write_text(json.dumps(rows, indent=2))
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+# --- effects of chaos.write -----------------------------------------------------------------
+
+
+class Effects:
+    """The chaos_attempts / chaos_effects tables of a database."""
+
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+
+    def reset(self) -> Effects:
+        with self.engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS chaos_attempts, chaos_effects"))
+            conn.execute(
+                text(
+                    "CREATE TABLE chaos_attempts (id serial PRIMARY KEY, key text NOT NULL,"
+                    " pid int, at timestamptz)"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TABLE chaos_effects (key text PRIMARY KEY, n int NOT NULL,"
+                    " pid int, done_at timestamptz)"
+                )
+            )
+        return self
+
+    def effects(self) -> dict[str, tuple[int, int, float]]:
+        """key -> (runs that committed it, pid, epoch seconds of the first commit)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT key, n, pid, extract(epoch FROM done_at) FROM chaos_effects")
+            )
+            return {k: (n, pid, float(at)) for k, n, pid, at in rows}
+
+    def attempts(self) -> list[tuple[str, int, float]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT key, pid, extract(epoch FROM at) FROM chaos_attempts ORDER BY id")
+            )
+            return [(k, pid, float(at)) for k, pid, at in rows]
+
+    def attempt_counts(self) -> Counter[str]:
+        return Counter(k for k, _, _ in self.attempts())
+
+    def figures(self, keys: list[str]) -> dict[str, int]:
+        """sent / completed / duplicated / lost of chaos.write tasks over `keys`."""
+        effects = self.effects()
+        done = [k for k in keys if k in effects]
+        return {
+            "sent": len(keys),
+            "completed": len(done),
+            "duplicated": sum(1 for k in done if effects[k][0] > 1),
+            "lost": len(keys) - len(done),
+        }
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal a whole process group (a pod's container: main process and its children)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+@functools.cache
+def producer(redis_url: str) -> Any:
+    """A client app (as the CLI or an API would have) on another Redis than the session's."""
+    from tasks.celery_app import create_app
+    from tasks.settings import Settings
+
+    return create_app(Settings(redis_url=redis_url))
+
+
+def grace_period_seconds() -> int | None:
+    """terminationGracePeriodSeconds of the chart's workers (values.yaml), if the chart exists."""
+    import yaml
+
+    values = REPO / "deploy" / "helm" / "waardhaven-tasks" / "values.yaml"
+    if not values.exists():
+        return None
+    found: list[int] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "terminationGracePeriodSeconds" and isinstance(value, int):
+                    found.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(values.read_text()))
+    return min(found) if found else None
+
+
+# --- PostgreSQL of our own ------------------------------------------------------------------
+
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+class PostgresCluster:
+    """initdb + pg_ctl in a temp dir on a free port (as user postgres when we are root)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="wh-pg-"))
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"])
+
+    def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        if self.as_root:
+            args = ["runuser", "-u", "postgres", "--", *args]
+        return subprocess.run(args, check=check, capture_output=True, text=True, timeout=120)
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> PostgresCluster:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off"
+        self._run(
+            [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-o",
+             options, "start"]
+        )  # fmt: skip
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def create_database(self, name: str) -> str:
+        engine = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return self.url(name)
+
+    def close(self) -> None:
+        self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"], False)
+        shutil.rmtree(self.dir, ignore_errors=True)
