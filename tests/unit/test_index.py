@@ -12,6 +12,7 @@ from tasks.index import (
     clean_returns,
     compute_index,
     forward_fill,
+    lookback_stats,
     missing_fractions,
     rebalance_rows,
     target_weights,
@@ -109,28 +110,35 @@ def test_quarterly_and_yearly_rebalances_happen() -> None:
     assert all(np.diff(yearly).astype(int) >= 365)
 
 
+def weights_after(returns: np.ndarray, params: StrategyParams) -> np.ndarray:
+    """Target weights at the row after `returns` (its lookback is exactly those returns)."""
+    row = np.array([returns.shape[0]])
+    momentum, volatility, _ = lookback_stats(returns, row)
+    eligible = np.ones(returns.shape[1], dtype=bool)
+    return target_weights(momentum[0], volatility[0], eligible, params)
+
+
 def test_momentum_falls_back_to_equal_weight_when_nothing_qualifies() -> None:
-    lookback = np.full((30, 3), -0.01)  # everything falling: no momentum anywhere
+    returns = np.full((30, 3), -0.01)  # everything falling: no momentum anywhere
     params = StrategyParams(momentum_weight=1.0, market_cap_weight=0.0, risk_parity_weight=0.0)
-    weights = target_weights(lookback, np.array([True, True, True]), params)
-    np.testing.assert_allclose(weights, [1 / 3] * 3)
+    np.testing.assert_allclose(weights_after(returns, params), [1 / 3] * 3)
 
 
 def test_momentum_weights_by_positive_momentum() -> None:
     # 20-day compound momentum: asset 0 (1.01^20 - 1), asset 1 twice as strong in log terms,
     # asset 2 negative (clipped to 0).
-    lookback = np.column_stack([np.full(20, 0.01), np.full(20, 0.0201), np.full(20, -0.002)])
+    returns = np.column_stack([np.full(20, 0.01), np.full(20, 0.0201), np.full(20, -0.002)])
     params = StrategyParams(momentum_weight=1.0, market_cap_weight=0.0, risk_parity_weight=0.0)
-    weights = target_weights(lookback, np.array([True, True, True]), params)
     m0, m1 = 1.01**20 - 1, 1.0201**20 - 1
-    np.testing.assert_allclose(weights, [m0 / (m0 + m1), m1 / (m0 + m1), 0.0])
+    expected = [m0 / (m0 + m1), m1 / (m0 + m1), 0.0]
+    np.testing.assert_allclose(weights_after(returns, params), expected)
 
 
 def test_risk_parity_is_inverse_volatility() -> None:
-    lookback = np.column_stack([np.tile([0.01, -0.01], 10), np.tile([0.02, -0.02], 10)])
+    returns = np.column_stack([np.tile([0.01, -0.01], 10), np.tile([0.02, -0.02], 10)])
     params = StrategyParams(momentum_weight=0.0, market_cap_weight=0.0, risk_parity_weight=1.0)
-    weights = target_weights(lookback, np.array([True, True]), params)
-    np.testing.assert_allclose(weights, [2 / 3, 1 / 3])  # 1/0.01 : 1/0.02
+    # 1/std : 1/(2 std) -> 2/3 : 1/3
+    np.testing.assert_allclose(weights_after(returns, params), [2 / 3, 1 / 3])
 
 
 def test_lookback_ends_the_day_before_the_rebalance() -> None:
