@@ -105,12 +105,25 @@ def _pipe(stream: IO[bytes] | None, name: str) -> None:
     threading.Thread(target=copy, daemon=True).start()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    """Ctrl-C, or SIGTERM from whatever runs `make run`: stop everything in order, once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run() -> int:
+    # Explicit handlers: a shell that starts `make run` in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     STATE.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("WORKER_CONCURRENCY", "2")
+    # Soft shutdown runs even when idle (ETA retries get requeued), so Ctrl-C waits this long;
+    # pods keep the 60 s default.
+    env.setdefault("WORKER_SOFT_SHUTDOWN_TIMEOUT", "10")
     redis_proc = None
     try:
         if "REDIS_URL" not in env:
@@ -118,6 +131,9 @@ def run() -> int:
         env.setdefault("DATABASE_URL", f"sqlite:///{(STATE / 'waardhaven.db').resolve()}")
         env.setdefault("FLOWER_BASIC_AUTH", f"admin:{secrets.token_urlsafe(12)}")
         env.setdefault("FLOWER_PORT", str(free_port(5555)))
+        # A developer's machine: Flower and /metrics answer on loopback only.
+        env.setdefault("FLOWER_ADDRESS", "127.0.0.1")
+        env.setdefault("METRICS_ADDRESS", "127.0.0.1")
         # The CLI in another shell finds this stack through var/dev.env (mode 0600).
         keys = ("REDIS_URL", "DATABASE_URL", "FLOWER_BASIC_AUTH", "FLOWER_PORT")
         DEV_ENV.write_text("".join(f"{k}={env[k]}\n" for k in keys))

@@ -435,7 +435,8 @@ def _on_worker_main_init(sender: Any = None, instance: Any = None, **_: Any) -> 
     from tasks.settings import get_settings
 
     global _metrics
-    port = get_settings().metrics_port
+    settings = get_settings()
+    port = settings.metrics_port
     _server.worker = instance
     if not port or _server.httpd is not None:
         return
@@ -443,9 +444,7 @@ def _on_worker_main_init(sender: Any = None, instance: Any = None, **_: Any) -> 
 
     registry = CollectorRegistry(auto_describe=False)
     try:
-        httpd, _thread = start_http_server(
-            port, addr=os.environ.get("METRICS_ADDRESS", "0.0.0.0"), registry=registry
-        )
+        httpd, _thread = start_http_server(port, addr=settings.metrics_address, registry=registry)
     except OSError as exc:
         logger.warning("metrics: cannot listen on port %s (%s); /metrics is off", port, exc)
         return

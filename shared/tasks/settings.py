@@ -116,6 +116,9 @@ class Settings(BaseSettings):
         "INFO", description="Log level of every service."
     )
     metrics_port: int = Field(9808, ge=0, le=65535, description="Worker /metrics port; 0 = off.")
+    metrics_address: str = Field(
+        "0.0.0.0", description="Address the worker /metrics server binds (make run: 127.0.0.1)."
+    )
     waardhaven_extra_task_modules: str = Field(
         "", description="Comma-separated extra modules the worker imports (test-only tasks)."
     )
