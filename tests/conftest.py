@@ -135,8 +135,7 @@ def migrated_db() -> str:
     return os.environ["DATABASE_URL"]
 
 
-@pytest.fixture
-def clean_db(migrated_db: str) -> Iterator[str]:
+def reset_database() -> None:
     """Empty tables, then the seed universe."""
     from sqlalchemy import text
 
@@ -152,6 +151,12 @@ def clean_db(migrated_db: str) -> Iterator[str]:
         )
     with session_scope() as session:
         store.seed_assets(session)
+
+
+@pytest.fixture
+def clean_db(migrated_db: str) -> Iterator[str]:
+    """Empty tables, then the seed universe."""
+    reset_database()
     yield migrated_db
 
 

@@ -55,7 +55,7 @@ from obs_helpers import (
 )
 from render_rules import rules_for
 
-from conftest import VENV_BIN, RedisServer, free_port
+from conftest import VENV_BIN, RedisServer, free_port, reset_database
 from tasks.metrics import default_multiproc_dir
 
 NAMESPACE = "waardhaven-test"
@@ -250,20 +250,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, migrated_db: str) -> Iterator[Stack]:
-    from sqlalchemy import text
-
-    from tasks import store
-    from tasks.db import get_engine, session_scope
-
-    with get_engine().begin() as conn:
-        conn.execute(
-            text(
-                "TRUNCATE allocations, index_values, prices, risk_metrics, reports, task_runs,"
-                " strategy_config, assets RESTART IDENTITY CASCADE"
-            )
-        )
-    with session_scope() as session:
-        store.seed_assets(session)
+    reset_database()
     s = Stack(tmp_path_factory.mktemp("observability"), migrated_db)
     try:
         yield s
