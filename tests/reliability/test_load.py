@@ -24,11 +24,12 @@ from tasks.settings import Settings
 TOTAL = int(os.environ.get("CHAOS_LOAD_TASKS", "20000"))
 FLAKY = TOTAL // 20  # fail once, retried, then succeed
 FAILING = TOTAL // 20  # always fail (no retry)
-# Children are recycled every this many tasks. The production default (50) is kept by
-# CHAOS_LOAD_MAX_TASKS_PER_CHILD=50; the default here recycles less often so the scenario fits
-# in CI time on 2 cores (a recycle costs ~0.3 s of a child's time): still dozens of recycles.
-MAX_TASKS_PER_CHILD = int(os.environ.get("CHAOS_LOAD_MAX_TASKS_PER_CHILD", "500"))
 PRODUCTION_MAX_TASKS_PER_CHILD = Settings.model_fields["worker_max_tasks_per_child"].default
+# Children are recycled every this many tasks: the production value (50), hundreds of recycles
+# in one run (cheap since tasks/prefork.py; CHAOS_LOAD_MAX_TASKS_PER_CHILD changes it).
+MAX_TASKS_PER_CHILD = int(
+    os.environ.get("CHAOS_LOAD_MAX_TASKS_PER_CHILD", str(PRODUCTION_MAX_TASKS_PER_CHILD))
+)
 
 
 class MemorySampler(threading.Thread):
