@@ -92,11 +92,6 @@ def test_schema_refuses(case: str, values: dict[str, Any], message: str) -> None
 # Combinations the schema cannot express: templates/check-values.yaml.
 CHECK_VALUES_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     (
-        "both autoscalers",
-        {"workerDefaults": {"keda": {"enabled": True}}},
-        "autoscaling.enabled and keda.enabled are mutually exclusive",
-    ),
-    (
         "min above max",
         {
             "workers": {

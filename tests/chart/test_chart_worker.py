@@ -163,12 +163,38 @@ class TestWorkerKeda:
         assert meta["address"] == "redis.example.internal:6380"
         assert (meta["databaseIndex"], meta["enableTLS"]) == ("2", "true")
 
-    def test_keda_and_hpa_together_are_refused(self) -> None:
+    def test_keda_true_replaces_the_hpa_of_that_pool_only(self) -> None:
         values = {"workers": {"low": {"keda": {"enabled": True}}}}
-        with pytest.raises(
-            Exception, match=r"workers\.low: autoscaling\.enabled and keda\.enabled"
-        ):
-            render_chart(values)
+        objects = render_chart(values, show_only=HPA + KEDA)
+        assert [o["metadata"]["name"] for o in by_kind(objects, "ScaledObject")] == [
+            "waardhaven-tasks-worker-low"
+        ]
+        assert [o["metadata"]["name"] for o in by_kind(objects, "HorizontalPodAutoscaler")] == [
+            "waardhaven-tasks-worker-high"
+        ]
+
+    def test_auto_uses_keda_where_the_cluster_serves_it(self) -> None:
+        """The default (keda.enabled: auto): queue-length scaling where KEDA is installed,
+        the CPU HPA elsewhere; both with the same 3..10 bounds and no replicas field."""
+        paths = HPA + KEDA + DEPLOYMENT
+        with_keda = render_chart(show_only=paths, api_versions=["keda.sh/v1alpha1"])
+        without = render_chart(show_only=paths)
+        assert len(by_kind(with_keda, "ScaledObject")) == 2
+        assert not by_kind(with_keda, "HorizontalPodAutoscaler")
+        assert len(by_kind(without, "HorizontalPodAutoscaler")) == 2
+        assert not by_kind(without, "ScaledObject")
+        for objects in (with_keda, without):
+            assert all("replicas" not in d["spec"] for d in by_kind(objects, "Deployment"))
+
+    def test_autoscaling_off_means_fixed_replicas_even_with_keda_served(self) -> None:
+        values = {"workerDefaults": {"autoscaling": {"enabled": False}, "replicas": 4}}
+        objects = render_chart(
+            values, show_only=HPA + KEDA + DEPLOYMENT, api_versions=["keda.sh/v1alpha1"]
+        )
+        assert not by_kind(objects, "ScaledObject") and not by_kind(
+            objects, "HorizontalPodAutoscaler"
+        )
+        assert {d["spec"]["replicas"] for d in by_kind(objects, "Deployment")} == {4}
 
 
 class TestWorkerPDB:

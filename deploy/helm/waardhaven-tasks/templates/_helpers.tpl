@@ -224,6 +224,20 @@ A worker pool's settings: workerDefaults overridden by the entry, maps merged on
 {{- $_ := set $out $k $v -}}
 {{- end -}}
 {{- end -}}
+{{- /* scaler: "keda" (ScaledObject on queue length), "hpa" (CPU) or "" (fixed replicas).
+keda.enabled "auto" picks KEDA where the cluster serves its API (bench/scaling.py: queue
+length drains a backlog sooner than CPU for the same pod-minutes), else the CPU HPA. */ -}}
+{{- $keda := toString $out.keda.enabled -}}
+{{- $kedaServed := .ctx.Capabilities.APIVersions.Has "keda.sh/v1alpha1" -}}
+{{- $scaler := "" -}}
+{{- if eq $keda "true" -}}
+{{- $scaler = "keda" -}}
+{{- else if and $out.autoscaling.enabled (eq $keda "auto") $kedaServed -}}
+{{- $scaler = "keda" -}}
+{{- else if $out.autoscaling.enabled -}}
+{{- $scaler = "hpa" -}}
+{{- end -}}
+{{- $_ := set $out "scaler" $scaler -}}
 {{- toJson $out -}}
 {{- end -}}
 
