@@ -177,12 +177,15 @@ def copy_upsert(
     update: Sequence[str],
     *,
     count: bool = True,
+    only_if_changed: Sequence[str] = (),
 ) -> tuple[int, int]:
     """PostgreSQL (psycopg2): COPY `rows` into a temporary table, then merge them with one
     INSERT ... SELECT ... ON CONFLICT (keys) DO UPDATE SET update, in the session's transaction.
 
     Returns (inserted, updated); with count=False everything is reported as inserted (one
     query less). Every row has the same keys; no two rows share a value of `keys`.
+    With `only_if_changed`, an existing row is rewritten only when one of those columns
+    differs (IS DISTINCT FROM); it still counts as updated.
     """
     if not rows:
         return 0, 0
@@ -214,6 +217,10 @@ def copy_upsert(
             if update
             else "DO NOTHING"
         )
+        if update and only_if_changed:
+            mine = ", ".join(f"{target}.{q[c]}" for c in only_if_changed)
+            theirs = ", ".join(f"EXCLUDED.{q[c]}" for c in only_if_changed)
+            action += f" WHERE ({mine}) IS DISTINCT FROM ({theirs})"
         cursor.execute(
             f"INSERT INTO {target} ({col_list}) SELECT {col_list} FROM {temp} "
             f"ON CONFLICT ({', '.join(q[k] for k in keys)}) {action}"

@@ -39,6 +39,7 @@ LOOKBACK_DAYS = 60
 MOMENTUM_DAYS = 20
 MIN_OUTLIER_HISTORY = 20  # past returns needed before the outlier rule applies
 MAX_MISSING_FRACTION = 0.10
+COLUMN_BLOCK = 32  # assets cleaned at a time (bench/run.py, index section)
 _MIX = ("momentum_weight", "market_cap_weight", "risk_parity_weight")
 
 
@@ -113,12 +114,18 @@ class IndexResult:
 def forward_fill(closes: np.ndarray, limit: int) -> np.ndarray:
     """Fill each gap with the last close for at most `limit` consecutive days (longer gaps stay
     partly missing: a stale price must not pass for a traded one)."""
-    rows = np.arange(closes.shape[0])[:, None]
-    valid = ~np.isnan(closes)
+    filled = np.array(closes, dtype=float)  # a copy; columns without a gap stay as they are
+    gappy = np.flatnonzero(np.isnan(filled).any(axis=0))
+    if len(gappy) == 0:
+        return filled
+    part = filled[:, gappy]
+    rows = np.arange(part.shape[0])[:, None]
+    valid = ~np.isnan(part)
     last = np.maximum.accumulate(np.where(valid, rows, -1), axis=0)  # row of the last close
-    filled = np.take_along_axis(closes, np.maximum(last, 0), axis=0)
+    carried = np.take_along_axis(part, np.maximum(last, 0), axis=0)
     keep = valid | ((last >= 0) & (rows - last <= limit))
-    return np.where(keep, filled, np.nan)
+    filled[:, gappy] = np.where(keep, carried, np.nan)
+    return filled
 
 
 def missing_fractions(closes: np.ndarray) -> np.ndarray:
@@ -139,8 +146,45 @@ def missing_fractions(closes: np.ndarray) -> np.ndarray:
 def _running(values: np.ndarray, window: int = 0) -> np.ndarray:
     """Row window + t holds the column sums of rows < t (rows before it are zeros), so the sum
     of rows [t - window, t) is row window + t minus row t."""
-    zeros = np.zeros((window + 1, values.shape[1]))
-    return np.concatenate([zeros, np.cumsum(values, axis=0)])
+    out = np.zeros((window + 1 + values.shape[0], values.shape[1]), order="F")
+    np.cumsum(values, axis=0, out=out[window + 1 :])
+    return out
+
+
+def _prefix_sums(values: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Column sums of rows < e for each e in `ends` (0 <= e <= len(values)), one row per end.
+
+    What _running gives at a few rows, without the full running-sum matrix: one reading pass
+    (np.add.reduceat over the segments between the sorted ends), then a cumsum of the small
+    matrix of segment sums. Used when only the rebalance rows are wanted.
+    """
+    n, m = values.shape
+    ends = np.asarray(ends, dtype=np.intp)
+    cuts = np.unique(ends[(ends > 0) & (ends <= n)])
+    sums = np.zeros((len(cuts) + 1, m))
+    if len(cuts):
+        # Segments [0, cuts[0]), [cuts[0], cuts[1]), ...; reduceat's last one runs to the end.
+        starts = np.concatenate(([0], cuts[cuts < n]))
+        segments = np.add.reduceat(values, starts, axis=0)[: len(cuts)]
+        np.cumsum(segments, axis=0, out=sums[1:])
+    return sums[np.searchsorted(cuts, np.clip(ends, 0, n), side="right")]
+
+
+def _prefix_log_products(growth: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """_prefix_sums of log(growth) at `ends`, taking logs of segment products only (a log per
+    segment, not per cell); falls back to a log per cell should a product leave float range."""
+    n, m = growth.shape
+    ends = np.asarray(ends, dtype=np.intp)
+    cuts = np.unique(ends[(ends > 0) & (ends <= n)])
+    sums = np.zeros((len(cuts) + 1, m))
+    if len(cuts):
+        starts = np.concatenate(([0], cuts[cuts < n]))
+        products = np.multiply.reduceat(growth, starts, axis=0)[: len(cuts)]
+        if np.all((products > np.finfo(float).tiny) & np.isfinite(products)):
+            np.cumsum(np.log(products), axis=0, out=sums[1:])
+        else:
+            return _prefix_sums(np.log(growth), ends)
+    return sums[np.searchsorted(cuts, np.clip(ends, 0, n), side="right")]
 
 
 def trailing_stats(
@@ -153,26 +197,37 @@ def trailing_stats(
     deviations is within the rounding error of the running sums has std 0 (constant values).
     """
     n = x.shape[0]
-    lo: slice | np.ndarray  # running-sum rows of the window starts and ends
-    hi: slice | np.ndarray
-    if rows is None:
-        lo, hi = slice(0, n), slice(window, window + n)
-    else:
-        lo = np.asarray(rows)
-        hi = lo + window
     valid = ~np.isnan(x)
     z = np.where(valid, x, 0.0)
-    c0, c1, c2, c_abs = (_running(v, window) for v in (valid.astype(float), z, z * z, np.abs(z)))
-    count = c0[hi] - c0[lo]
-    s1, s2 = c1[hi] - c1[lo], c2[hi] - c2[lo]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, s1 / count, np.nan)
-        known_mean = np.where(count > 0, mean, 0.0)
-        squares = s2 - s1 * known_mean
-        # Each window sum adds at most `window` terms to running sums of this size.
-        size = c2[hi] + np.abs(known_mean) * c_abs[hi]
-        squares = np.where(squares > 4 * window * np.finfo(float).eps * size, squares, 0.0)
-        std = np.where(count >= 2, np.sqrt(squares / (count - 1)), np.nan)
+    sources = (valid.astype(float), z, z * z, np.abs(z))
+    if rows is None:
+        lo, hi = slice(0, n), slice(window, window + n)
+        c0, c1, c2, c_abs = (_running(v, window) for v in sources)
+        count = c0[hi] - c0[lo]
+        s1, s2, total_sq, total_abs = c1[hi] - c1[lo], c2[hi] - c2[lo], c2[hi], c_abs[hi]
+    else:
+        # Only the rows asked: the running sums at the window bounds (rows t - window and t).
+        ends = np.asarray(rows, dtype=np.intp)
+        both = np.concatenate([ends - window, ends])
+        p0, p1, p2, p_abs = (_prefix_sums(v, both) for v in sources)
+        k = len(ends)
+        count = p0[k:] - p0[:k]
+        s1, s2, total_sq, total_abs = p1[k:] - p1[:k], p2[k:] - p2[:k], p2[k:], p_abs[k:]
+    # In place where possible: each step is a pass over the whole matrix.
+    known_mean = s1 / np.maximum(count, 1.0)  # 0 without values (s1 is 0 then)
+    mean = known_mean.copy()
+    mean[count == 0] = np.nan
+    squares = np.multiply(s1, known_mean)
+    np.subtract(s2, squares, out=squares)
+    # Each window sum adds at most `window` terms to running sums of this size.
+    size = np.abs(known_mean, out=known_mean)
+    size *= total_abs
+    size += total_sq
+    size *= 4 * window * np.finfo(float).eps
+    squares[~(squares > size)] = 0.0
+    squares /= np.maximum(count - 1.0, 1.0)
+    std = np.sqrt(squares, out=squares)
+    std[count < 2] = np.nan
     return count, mean, std
 
 
@@ -201,7 +256,12 @@ def clean_returns(closes: np.ndarray, params: StrategyParams) -> np.ndarray:
         # Row d + k of `padded` is return row d - LOOKBACK_DAYS + k: the window before day d.
         padded = np.vstack([np.full((LOOKBACK_DAYS, closes.shape[1]), np.nan), returns])
         windows = padded[days[:, None] + np.arange(LOOKBACK_DAYS), assets[:, None]]
-        returns[days, assets] = np.nanmedian(windows, axis=1)
+        gaps = np.isnan(windows).any(axis=1)
+        medians = np.empty(len(days))
+        medians[~gaps] = np.median(windows[~gaps], axis=1)  # quicker than nanmedian
+        if gaps.any():
+            medians[gaps] = np.nanmedian(windows[gaps], axis=1)
+        returns[days, assets] = medians
     return returns
 
 
@@ -240,8 +300,10 @@ def lookback_stats(
     (a missing return counts 0). Volatility: sample std of its returns (NaN with fewer than 2).
     """
     count, _, std = trailing_stats(returns, LOOKBACK_DAYS, rows)
-    logs = _running(np.log1p(np.where(np.isnan(returns), 0.0, returns)), MOMENTUM_DAYS)
-    momentum = np.expm1(logs[rows + MOMENTUM_DAYS] - logs[rows])
+    rows = np.asarray(rows, dtype=np.intp)
+    growth = np.where(np.isnan(returns), 1.0, 1.0 + returns)
+    ends = _prefix_log_products(growth, np.concatenate([rows - MOMENTUM_DAYS, rows]))
+    momentum = np.expm1(ends[len(rows) :] - ends[: len(rows)])
     return momentum, std, count
 
 
@@ -259,6 +321,20 @@ def _normalise(scores: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     scores = np.maximum(scores, 0.0)
     total = scores.sum(axis=-1, keepdims=True)
     return np.where(total > 0, scores / np.where(total > 0, total, 1.0), _equal(eligible))
+
+
+def _median_ignoring_nan(values: np.ndarray) -> np.ndarray:
+    """np.nanmedian over the last axis (keepdims), np.median for the rows without NaN:
+    nanmedian's NaN handling costs 3x and most rows have none."""
+    if values.ndim == 1:
+        return np.asarray(np.nanmedian(values, keepdims=True))
+    gaps = np.isnan(values).any(axis=-1)
+    out = np.empty((*values.shape[:-1], 1))
+    if (~gaps).any():
+        out[~gaps] = np.median(values[~gaps], axis=-1, keepdims=True)
+    if gaps.any():
+        out[gaps] = np.nanmedian(values[gaps], axis=-1, keepdims=True)
+    return out
 
 
 def target_weights(
@@ -287,7 +363,8 @@ def target_weights(
         inverse = np.where(eligible & (volatility > 0), 1.0 / volatility, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no asset has a vol
-        neutral = np.nanmedian(inverse, axis=-1, keepdims=True)
+        # np.median when nothing is missing: nanmedian's NaN handling costs 3x on big arrays
+        neutral = _median_ignoring_nan(inverse)
     inverse = np.where(eligible & np.isnan(inverse), neutral, inverse)
     w_risk = _normalise(inverse, eligible)  # all NaN -> equal weight
     mixed = (
@@ -350,7 +427,12 @@ def compute_index(
 
     # 1. Cleaning: too-low (or invalid) closes are missing; short gaps filled; gappy assets go.
     with np.errstate(invalid="ignore"):
-        closes[~(np.isfinite(closes) & (closes > 0) & (closes >= params.min_price))] = np.nan
+        # (NaN compares False; with min_price > 0 the test `> 0` is implied)
+        usable = closes >= params.min_price
+        if params.min_price <= 0:
+            usable &= closes > 0
+        usable &= closes != np.inf
+        closes[~usable] = np.nan
     filled = forward_fill(closes, params.max_forward_fill_days)
     missing = missing_fractions(filled)
     keep = missing < MAX_MISSING_FRACTION
@@ -364,14 +446,20 @@ def compute_index(
             f"no asset has enough valid prices to compute an index ({len(symbols)} dropped)"
         )
     kept = [s for s, k in zip(symbols, keep, strict=True) if k]
-    begin = int((~np.isnan(filled[:, keep])).any(axis=1).argmax())
-    dates, filled = dates[begin:], filled[begin:, keep]
+    everything = bool(keep.all())
+    begin = int((~np.isnan(filled if everything else filled[:, keep])).any(axis=1).argmax())
+    dates, filled = dates[begin:], (filled[begin:] if everything else filled[begin:, keep])
     caps = None if market_caps is None else market_caps[begin:, keep]
     if len(dates) < 2:
         raise ValueError("the kept assets have prices on fewer than 2 dates")
 
     # 2.-3. Returns, rebalance dates, lookback statistics (data up to the day before).
-    returns = clean_returns(filled, params)
+    # Column blocks: every step of the cleaning is per asset, and a block's temporaries stay
+    # in the CPU cache (a third quicker than whole-matrix passes on 500 assets x 10 years).
+    returns = np.empty(filled.shape, order="F")
+    for first in range(0, filled.shape[1], COLUMN_BLOCK):
+        block = slice(first, first + COLUMN_BLOCK)
+        returns[:, block] = clean_returns(filled[:, block], params)
     eligible = ~np.isnan(filled)
     rows = rebalance_rows(dates, params.rebalance_frequency, eligible.any(axis=1))
     momentum, volatility, observations = lookback_stats(returns, rows)

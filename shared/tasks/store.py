@@ -6,6 +6,7 @@ Every write is an upsert keyed on the natural key, so running a task twice leave
 from __future__ import annotations
 
 import datetime as dt
+import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -123,7 +124,11 @@ def upsert_prices(
     )
     if len(unique) >= COPY_MIN_ROWS and can_copy(session):
         # COPY into a temporary table; it counts the rows that existed before.
-        inserted, updated = copy_upsert(session, Price.__table__, unique, keys, update)
+        # A re-fetched day with the same values is not rewritten (no new row version, no index
+        # writes): a re-run or the smart refresh's overlap costs a comparison, not a write.
+        inserted, updated = copy_upsert(
+            session, Price.__table__, unique, keys, update, only_if_changed=update[:-1]
+        )
     else:
         ids = sorted({asset_ids[b.symbol] for b in kept})
         first, last = min(b.date for b in kept), max(b.date for b in kept)
@@ -154,6 +159,8 @@ def price_matrix(
         query = query.where(Price.date >= start)
     if end:
         query = query.where(Price.date <= end)
+    if can_copy(session):
+        return _price_matrix_copy(session, start, end, benchmark)
     rows = session.execute(query).all()
     if not rows:
         return np.array([], dtype="datetime64[D]"), [], np.empty((0, 0))
@@ -165,6 +172,61 @@ def price_matrix(
     closes = np.full((len(dates), len(symbols)), np.nan)
     closes[date_idx, sym_idx] = closes_col
     return dates, [str(s) for s in symbols], closes
+
+
+# One row of `COPY (asset_id int4, day int4, close float8) TO STDOUT (FORMAT binary)`: the field
+# count, then each field's length and value, big-endian (no NULLs: every column is NOT NULL).
+_BINARY_ROW = np.dtype(
+    [
+        ("n", ">i2"),
+        ("l1", ">i4"),
+        ("asset", ">i4"),
+        ("l2", ">i4"),
+        ("day", ">i4"),
+        ("l3", ">i4"),
+        ("close", ">f8"),
+    ]
+)
+_BINARY_HEADER = 19  # signature (11), flags (4), header extension length (4, zero)
+_EPOCH = dt.date(2000, 1, 1)
+
+
+def _price_matrix_copy(
+    session: Session, start: dt.date | None, end: dt.date | None, benchmark: bool
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """price_matrix on PostgreSQL: the three columns as binary COPY, parsed by NumPy in one go
+    (about 10x quicker than a million Python row tuples; bench/run.py, index section)."""
+    conditions = ["a.is_active", "a.is_benchmark = %(benchmark)s"]
+    if start:
+        conditions.append("p.date >= %(start)s")
+    if end:
+        conditions.append("p.date <= %(end)s")
+    cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        query = cursor.mogrify(
+            "SELECT p.asset_id, p.date - %(epoch)s, p.close FROM prices p "
+            "JOIN assets a ON a.id = p.asset_id WHERE " + " AND ".join(conditions),
+            {"epoch": _EPOCH, "benchmark": benchmark, "start": start, "end": end},
+        ).decode()
+        buffer = io.BytesIO()
+        cursor.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buffer)
+    finally:
+        cursor.close()
+    data = buffer.getbuffer()
+    count = (len(data) - _BINARY_HEADER - 2) // _BINARY_ROW.itemsize
+    if count <= 0:
+        return np.array([], dtype="datetime64[D]"), [], np.empty((0, 0))
+    rows = np.frombuffer(data, _BINARY_ROW, count, offset=_BINARY_HEADER)
+    names = {i: symbol for i, symbol in session.execute(select(Asset.id, Asset.symbol))}
+    ids = np.unique(rows["asset"])
+    order = sorted(range(len(ids)), key=lambda i: names[int(ids[i])])  # by symbol
+    column = np.empty(len(ids), dtype=np.intp)
+    column[order] = np.arange(len(ids))
+    days, date_idx = np.unique(rows["day"], return_inverse=True)
+    closes = np.full((len(days), len(ids)), np.nan)
+    closes[date_idx, column[np.searchsorted(ids, rows["asset"])]] = rows["close"]
+    dates = np.datetime64(_EPOCH, "D") + days.astype("timedelta64[D]")
+    return dates, [names[int(ids[i])] for i in order], closes
 
 
 def write_index(session: Session, result: IndexResult) -> int:
@@ -301,6 +363,19 @@ RETENTION: tuple[tuple[Any, Any], ...] = (
 
 def delete_batch(session: Session, model: Any, column: Any, cutoff: Any) -> int:
     """Delete at most DELETE_BATCH rows older than cutoff (short transactions, no long locks)."""
+    if session.get_bind().dialect.name == "postgresql":
+        # By physical row address (a TID scan), not by id through the primary key: 7x quicker
+        # on 1.2 million prices, close to one DELETE of them all (bench/run.py, cleanup).
+        preparer = session.get_bind().dialect.identifier_preparer
+        table, name = preparer.format_table(model.__table__), preparer.quote(column.name)
+        result = session.execute(
+            text(
+                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+                f"WHERE {name} < :cutoff LIMIT {int(DELETE_BATCH)}))"
+            ),
+            {"cutoff": cutoff},
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
     ids = select(model.id).where(column < cutoff).limit(DELETE_BATCH).scalar_subquery()
     result = session.execute(delete(model).where(model.id.in_(ids)))
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
