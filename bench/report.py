@@ -1,4 +1,4 @@
-"""The one table the benchmark prints (also the table of docs/PERFORMANCE.md)."""
+"""The one table the benchmark prints (also the table of the README, section "Performance")."""
 
 from __future__ import annotations
 
