@@ -7,9 +7,11 @@ a "failed" dict as SUCCESS. Every task is idempotent: its writes are upserts on 
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -163,6 +165,24 @@ def _parse_date(field: str, value: Any) -> dt.date | None:
         raise InvalidTaskArguments(field, f"expected a YYYY-MM-DD date, got {value!r}") from None
 
 
+@contextmanager
+def committed_with_its_count() -> Iterator[None]:
+    """Hold off the soft time limit while a batch is written, committed and counted.
+
+    billiard signals the soft limit with SIGUSR1 (its SIG_SOFT_TIMEOUT) and the handler raises
+    SoftTimeLimitExceeded wherever the task is. Raised between a commit and its count, the task
+    would report fewer rows than it kept; raised between a write and its commit, it would leave
+    half a batch in the session. Blocked here, the signal is delivered when the block ends, so
+    a batch is either kept and counted or not written at all.
+    """
+    usr1 = {signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, usr1)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 # --- refresh_market_data ------------------------------------------------------------------
 
 
@@ -274,20 +294,21 @@ def _refresh_chunk(
             except RateLimited as exc:
                 session.commit()  # keep the batches already written
                 raise task.retry(exc=exc, countdown=exc.retry_after) from exc
-            inserted, updated = store.upsert_prices(
-                session, assets, fetched.bars, provider.name, params.min_price
-            )
-            session.commit()
-            failed.update({s: "unknown symbol" for s in fetched.unknown})
-            failed.update(fetched.invalid)
-            done["assets_refreshed"] += len(batch) - len(
-                set(fetched.unknown) | set(fetched.invalid)
-            )
-            done["rows_inserted"] += inserted
-            done["rows_updated"] += updated
-            task.rows_written += inserted + updated
+            with committed_with_its_count():
+                inserted, updated = store.upsert_prices(
+                    session, assets, fetched.bars, provider.name, params.min_price
+                )
+                session.commit()
+                failed.update({s: "unknown symbol" for s in fetched.unknown})
+                failed.update(fetched.invalid)
+                done["assets_refreshed"] += len(batch) - len(
+                    set(fetched.unknown) | set(fetched.invalid)
+                )
+                done["rows_inserted"] += inserted
+                done["rows_updated"] += updated
+                task.rows_written += inserted + updated
     except SoftTimeLimitExceeded:
-        session.commit()
+        # Every finished batch is committed and counted; nothing else was written.
         raise PartialResult("refresh stopped at the soft time limit", done) from None
     if chunk is None:
         progress.update(len(assets), "done", force=True)
@@ -413,12 +434,16 @@ def cleanup_old_data(self: DatabaseTask, days_to_keep: int = 365) -> Any:
             if column.type.python_type is dt.datetime:
                 bound = dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC)
             deleted[table] = 0
-            while (n := store.delete_batch(session, model, column, bound)) > 0:
-                session.commit()
-                deleted[table] += n
-                self.rows_written += n
+            while True:
+                with committed_with_its_count():
+                    n = store.delete_batch(session, model, column, bound)
+                    session.commit()
+                    deleted[table] += n
+                    self.rows_written += n
+                if n == 0:
+                    break
     except SoftTimeLimitExceeded:
-        session.commit()
+        # Every finished batch is committed and counted; nothing else was deleted.
         raise PartialResult("cleanup stopped at the soft time limit", deleted) from None
     progress.update(len(store.RETENTION), "done", force=True)
     return {"cutoff": cutoff.isoformat(), "deleted": deleted}
