@@ -51,6 +51,16 @@ class WaardhavenTask(Task):
             self._count_delivery(request.id, request.retries or 0)
         return super().__call__(*args, **kwargs)
 
+    def _get_exec_options(self) -> dict[str, Any]:
+        # The time limits are the worker's own (its TASK_*_TIME_LIMIT). Celery 5.7 stamps the
+        # sender's limits into every message sent through a registered task (beat, the CLI, a
+        # chord), and a message's limits win over the worker's: a worker pool given a longer
+        # limit would silently keep the sender's.
+        options = dict(super()._get_exec_options())
+        options.pop("time_limit", None)
+        options.pop("soft_time_limit", None)
+        return options
+
     def _count_delivery(self, task_id: str, retries: int) -> None:
         settings = get_settings()
         key = DELIVERY_KEY.format(id=task_id, retries=retries)

@@ -42,6 +42,8 @@ def count(model: Any) -> int:
 def test_each_task_lands_on_its_queue(clean_db: str, redis_client: Any) -> None:
     """No worker runs: the messages wait in Redis, each in its queue, as JSON."""
     redis_client.flushdb()
+    app.loader.import_default_modules()  # as in beat and the CLI: the tasks are registered
+    app.finalize()
     expected = {
         "refresh_market_data": "high_priority",
         "compute_index": "high_priority",
@@ -56,6 +58,8 @@ def test_each_task_lands_on_its_queue(clean_db: str, redis_client: Any) -> None:
         names = [m["headers"]["task"] for m in messages]
         assert name in names, f"{name} not in {queue}: {names}"
         assert all(m["content-type"] == "application/json" for m in messages)
+        # No time limits from the sender: the worker's TASK_*_TIME_LIMIT apply.
+        assert all(m["headers"]["timelimit"] == [None, None] for m in messages)
     redis_client.flushdb()
 
 
