@@ -9,6 +9,7 @@ Before collection (so that `tasks.settings` reads them) the session gets:
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import shutil
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def http_status(url: str, auth: str | None = None) -> int:
+    """The HTTP status of a GET, with optional basic auth "user:password"; 0 if nothing listens."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except urllib.error.URLError:
+        return 0
 
 
 def redis_server_binary() -> str:

@@ -25,7 +25,7 @@ import pytest
 from chart_helpers import REPO, container, get, merge, render_chart
 from pod_runner import LocalPod, argv_of, container_env, process_env
 
-from conftest import RedisServer, create_database, free_port
+from conftest import RedisServer, create_database, free_port, http_status
 
 SERVICES = ["worker-high", "worker-low", "beat", "flower"]
 # The values under test: everything else is the chart's defaults.
@@ -265,19 +265,6 @@ def test_beat_sends_the_schedule(early_beat: LocalPod, broker: RedisServer) -> N
     assert early_beat.stop(signal.SIGTERM, timeout=30) is not None
 
 
-def _status(url: str, auth: str | None = None) -> int:
-    request = urllib.request.Request(url)
-    if auth is not None:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except urllib.error.URLError:
-        return 0  # not listening (yet)
-
-
 def test_flower_answers_401_without_and_200_with_credentials(
     objects: list[dict[str, Any]], pods: Any
 ) -> None:
@@ -286,7 +273,7 @@ def test_flower_answers_401_without_and_200_with_credentials(
     base = f"http://127.0.0.1:{flower.env['FLOWER_PORT']}"
     live = c["livenessProbe"]["httpGet"]["path"]
     deadline = time.monotonic() + 60
-    while _status(base + live) != 200:
+    while http_status(base + live) != 200:
         assert flower.proc.poll() is None, flower.output[-3000:]
         assert time.monotonic() < deadline, flower.output[-3000:]
         time.sleep(0.3)
@@ -298,10 +285,10 @@ def test_flower_answers_401_without_and_200_with_credentials(
     user, password = user_password.split(":", 1)
     assert user == "admin" and len(password) >= 20
 
-    assert _status(f"{base}{path}/workers") == 401
-    assert _status(f"{base}{path}/workers", f"{user}:wrong-password") == 401
-    assert _status(f"{base}{path}/workers", user_password) == 200
-    assert _status(f"{base}{path}/tasks", user_password) == 200
+    assert http_status(f"{base}{path}/workers") == 401
+    assert http_status(f"{base}{path}/workers", f"{user}:wrong-password") == 401
+    assert http_status(f"{base}{path}/workers", user_password) == 200
+    assert http_status(f"{base}{path}/tasks", user_password) == 200
     # The authenticated readiness probe passes; with a wrong password it fails.
     assert flower.exec_probe("readinessProbe").returncode == 0
     flower.env["FLOWER_BASIC_AUTH"] = f"{user}:not-the-password"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import signal
@@ -16,18 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, VENV_BIN, free_port, service_env
-
-
-def http_status(url: str, auth: str | None = None) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+from conftest import REPO, VENV_BIN, free_port, http_status, service_env
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
