@@ -180,8 +180,9 @@ def test_large_refresh_runs_as_chunks_with_progress(
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + TIMEOUT
     while not result.ready() and time.monotonic() < deadline:
-        if result.state == "PROGRESS":
-            seen.append(result.info)
+        meta = result.backend.get_task_meta(result.id)  # state and info read together
+        if meta["status"] == "PROGRESS":
+            seen.append(meta["result"])
         time.sleep(0.05)
     summary = result.get(timeout=5)
     assert summary["assets_refreshed"] == 14  # the seed universe, in 5 chunks of <= 3
@@ -197,9 +198,10 @@ def test_progress_is_visible_through_async_result(worker: Any) -> None:
     infos = []
     deadline = time.monotonic() + TIMEOUT
     while not result.ready() and time.monotonic() < deadline:
-        states.add(result.state)
-        if result.state == "PROGRESS":
-            infos.append(result.info)
+        meta = result.backend.get_task_meta(result.id)  # state and info read together
+        states.add(meta["status"])
+        if meta["status"] == "PROGRESS":
+            infos.append(meta["result"])
         time.sleep(0.02)
     assert result.state == "SUCCESS"
     assert "PROGRESS" in states
