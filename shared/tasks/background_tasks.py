@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import psycopg2
+from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
@@ -169,14 +170,13 @@ def _parse_date(field: str, value: Any) -> dt.date | None:
 def committed_with_its_count() -> Iterator[None]:
     """Hold off the soft time limit while a batch is written, committed and counted.
 
-    billiard signals the soft limit with SIGUSR1 (its SIG_SOFT_TIMEOUT) and the handler raises
+    billiard signals the soft limit with SIG_SOFT_TIMEOUT (SIGUSR1) and the handler raises
     SoftTimeLimitExceeded wherever the task is. Raised between a commit and its count, the task
     would report fewer rows than it kept; raised between a write and its commit, it would leave
     half a batch in the session. Blocked here, the signal is delivered when the block ends, so
     a batch is either kept and counted or not written at all.
     """
-    usr1 = {signal.SIGUSR1}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, usr1)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_SOFT_TIMEOUT})
     try:
         yield
     finally:
@@ -434,7 +434,7 @@ def cleanup_old_data(self: DatabaseTask, days_to_keep: int = 365) -> Any:
             if column.type.python_type is dt.datetime:
                 bound = dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC)
             deleted[table] = 0
-            while True:
+            while True:  # until a batch deletes nothing
                 with committed_with_its_count():
                     n = store.delete_batch(session, model, column, bound)
                     session.commit()
