@@ -8,7 +8,7 @@ IMAGE ?= localhost/waardhaven-tasks:dev
 # The Celery exporter pins redis<6 and ships a package named `src`: it gets a venv of its own.
 EXPORTER_VENV ?= .venv-exporter
 
-.PHONY: help venv exporter-venv run test lint bench chaos image manifests rules lock clean
+.PHONY: help venv exporter-venv run test test-fast lint bench chaos image manifests rules lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -31,6 +31,9 @@ exporter-venv: $(EXPORTER_VENV)/.installed ## create .venv-exporter for services
 
 run: venv ## start the whole stack locally (Redis, SQLite, workers, beat, Flower); Ctrl-C stops it
 	$(BIN)/waardhaven-tasks dev
+
+test-fast: venv ## the pure tests (tests/unit): seconds, no Redis, no PostgreSQL
+	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
 
 test: venv exporter-venv ## run the whole test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

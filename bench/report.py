@@ -1,4 +1,4 @@
-"""The one table the benchmark prints (also the table of the README, section "Performance")."""
+"""The one table the benchmark prints (also the table of docs/performance.md)."""
 
 from __future__ import annotations
 

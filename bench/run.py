@@ -9,7 +9,7 @@ workers are the real `services/worker-*/run` processes with the production setti
     python bench/run.py [--sections queue,refresh,index,reports,scaling] [--scale 0.25]
 
 --scale shrinks the task counts and the data set (a quick smoke run); the figures in
-the README (section "Performance") come from a full run (--scale 1).
+docs/performance.md come from a full run (--scale 1).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ ScaledObject templates) are copied below:
   (max(4 pods, 100 %) per 15 s); the same scale-down.
   (KEDA counts the messages waiting in the list; the ones workers hold are in `unacked`.)
 
-Assumptions (stated in the README, section "Performance"): PostgreSQL keeps up with 10 pods
+Assumptions (stated in docs/performance.md): PostgreSQL keeps up with 10 pods
 (the runtimes were measured with PostgreSQL and the worker on the same 2 cores); a new pod is ready
 POD_SCHEDULING_S after the HPA asks plus the worker start measured here; a pod removed by a
 scale-down finishes its running tasks (each is far shorter than the 60 s soft shutdown).

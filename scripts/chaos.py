@@ -8,7 +8,7 @@ recover. It fails when a test fails or any scenario lost or duplicated an effect
 
     python scripts/chaos.py                 # every scenario
     python scripts/chaos.py -k redis        # extra arguments go to pytest
-    python scripts/chaos.py --markdown      # the table as Markdown (for the README)
+    python scripts/chaos.py --markdown      # the table as Markdown (for docs/reliability.md)
     python scripts/chaos.py --report FILE   # only print the table of an earlier run
 """
 

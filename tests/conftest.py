@@ -1,6 +1,7 @@
 """Test infrastructure: real Redis, real PostgreSQL, real worker processes.
 
-Before collection (so that `tasks.settings` reads them) the session gets:
+`tests/unit/` is the fast tier: pure tests, no server (`make test-fast`). Any other test in
+the run makes the session get, before collection (so that `tasks.settings` reads them):
 - REDIS_URL: a private password-protected `redis-server` on a free port, unless REDIS_URL is
   set; tests never share queues with a developer's stack or another test run;
 - DATABASE_URL: a fresh database on the PostgreSQL at TEST_POSTGRES_URL (default the local
@@ -122,7 +123,28 @@ def create_database() -> str:
     return ADMIN_PG_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
+UNIT = REPO / "tests" / "unit"
+_servers_started: list[bool] = []
+
+
+def require_servers() -> None:
+    if not _servers_started:
+        pytest.fail("tests/unit is the pure tier (no Redis, no PostgreSQL): move this test out")
+
+
+def needs_servers(config: pytest.Config) -> bool:
+    """False when every path of the run lies in tests/unit (pure tests start no server)."""
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, arg.split("::")[0]).resolve()
+        if not path.is_relative_to(UNIT):
+            return True
+    return False
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if not needs_servers(config):
+        return
+    _servers_started.append(True)
     if "REDIS_URL" not in os.environ:
         server = RedisServer(password=secrets.token_hex(8)).start()
         _cleanup.append(server.close)
@@ -148,6 +170,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def migrated_db() -> str:
     from tasks.migrate import upgrade
 
+    require_servers()
     upgrade()
     return os.environ["DATABASE_URL"]
 
@@ -181,6 +204,7 @@ def clean_db(migrated_db: str) -> Iterator[str]:
 def redis_client() -> Any:
     import redis
 
+    require_servers()
     client = redis.Redis.from_url(os.environ["REDIS_URL"])
     yield client
     client.close()

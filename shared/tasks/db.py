@@ -2,7 +2,7 @@
 
 Bulk upserts on PostgreSQL go through COPY: the rows are streamed into a temporary table and
 merged with one INSERT ... SELECT ... ON CONFLICT, ~20x faster than multi-row INSERT statements
-(bench/run.py, README "Performance"). Small upserts and SQLite use INSERT ... ON CONFLICT.
+(bench/run.py, docs/performance.md). Small upserts and SQLite use INSERT ... ON CONFLICT.
 """
 
 from __future__ import annotations

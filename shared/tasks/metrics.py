@@ -1,6 +1,6 @@
 """Prometheus instrumentation of the workers (prometheus-client, multiprocess mode).
 
-What is measured, and where (README "Observability" lists every metric with its meaning):
+What is measured, and where (docs/operations.md lists every metric with its meaning):
 
 - In the process that runs a task (a prefork child), from Celery's signals: outcomes per task,
   queue and state (``waardhaven_tasks_total``), failures per exception class, runtime and queue

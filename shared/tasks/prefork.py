@@ -4,7 +4,7 @@ The worker replaces a pool child every WORKER_MAX_TASKS_PER_CHILD tasks (50), so
 a task, a library or a C extension cannot grow a pod's memory for ever. With Celery 5.7 and
 billiard 4.3 as they come, one replacement cost a 2-core pod ~0.3 s, and the production
 settings processed ~3x fewer no-op tasks per second than without recycling (bench/run.py,
-README "Performance"). Five causes, each fixed here in the worker's main process before the
+docs/performance.md). Five causes, each fixed here in the worker's main process before the
 pool forks (`prepare_parent`, on `worker_init`):
 
 1. billiard's `set_pdeathsig` in every new child goes through cffi, whose first `FFI.cdef` in

@@ -25,7 +25,7 @@ from obs_helpers import (
 )
 from render_rules import dump, rules_for
 
-RUNBOOK_DOCS = [REPO / "README.md"]
+RUNBOOK_DOCS = [REPO / "docs" / "operations.md"]
 DEFAULT_THRESHOLDS = yaml.safe_load(
     (REPO / "deploy" / "helm" / "waardhaven-tasks" / "values.yaml").read_text()
 )["alerts"]["thresholds"]

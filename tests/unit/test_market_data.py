@@ -1,7 +1,6 @@
-"""The synthetic provider, the shared rate limiters and get_provider (tasks.market_data).
+"""The synthetic provider, the in-process rate limiter and get_provider (tasks.market_data).
 
-The Redis limiter runs against the real Redis at REDIS_URL (the test session's own server),
-each test on a key of its own.
+Pure: no server. The Redis-shared limiter is tested in tests/integration/test_rate_limiter.py.
 """
 
 from __future__ import annotations
@@ -12,17 +11,13 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
-import redis
 
+from limiter_load import hammer, max_in_any_window
 from tasks.market_data import (
     SEED_ASSETS,
     Bar,
@@ -30,7 +25,6 @@ from tasks.market_data import (
     LocalRateLimiter,
     MarketDataProvider,
     ProviderConfigError,
-    RedisRateLimiter,
     SyntheticProvider,
     TwelveDataProvider,
     get_provider,
@@ -204,115 +198,7 @@ def test_seed_universe_matches_the_domain() -> None:
     assert next(a for a in SEED_ASSETS if a["symbol"] == "^GSPC")["name"] == "S&P 500"
 
 
-# --- rate limiters -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def rds() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    yield client
-    client.close()
-
-
-def new_key() -> str:
-    return f"test:ratelimit:{uuid.uuid4().hex}"
-
-
-def test_redis_limiter_grants_the_limit_then_says_how_long_to_wait(rds: redis.Redis) -> None:
-    limiter = RedisRateLimiter(rds, new_key(), limit=8, period=1.0)
-    assert limiter.acquire(5) == 0.0
-    assert limiter.acquire(3) == 0.0
-    wait = limiter.acquire(1)
-    assert 0.5 < wait <= 1.0
-    assert limiter.acquire(1) > 0  # a refusal spends nothing, and nothing was freed yet
-    time.sleep(max(0.0, wait - 0.25))
-    assert limiter.acquire(1) > 0  # not before the promised time
-    time.sleep(0.3)
-    assert limiter.acquire(8) == 0.0  # the whole window is free again
-    assert 0 < rds.pttl(limiter.key) <= 1000  # the log expires with the window
-
-
-def test_redis_limiter_wait_is_for_enough_credits(rds: redis.Redis) -> None:
-    limiter = RedisRateLimiter(rds, new_key(), limit=4, period=1.2)
-    assert limiter.acquire(2) == 0.0
-    time.sleep(0.5)
-    assert limiter.acquire(2) == 0.0  # spent 0.5 s later
-    one = limiter.acquire(1)  # freed when the first pair leaves: ~0.7 s
-    three = limiter.acquire(3)  # needs the second pair gone too: ~1.2 s
-    assert 0.5 < one < 0.8 and 1.0 < three <= 1.2
-
-
-@pytest.mark.parametrize("cost", [0, -1, 9])
-def test_limiters_reject_a_cost_that_can_never_be_granted(rds: redis.Redis, cost: int) -> None:
-    for limiter in (RedisRateLimiter(rds, new_key(), 8), LocalRateLimiter(8)):
-        with pytest.raises(ValueError, match="between 1 and the limit"):
-            limiter.acquire(cost)
-    with pytest.raises(ValueError):
-        RedisRateLimiter(rds, new_key(), 0)
-    with pytest.raises(ValueError):
-        LocalRateLimiter(3, period=0)
-
-
-def hammer(make: Any, threads: int, seconds: float) -> list[float]:
-    """Threads acquiring one credit in a loop; returns the monotonic times of the grants."""
-    grants: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def run() -> None:
-        limiter = make()
-        while time.monotonic() < stop:
-            if limiter.acquire(1) == 0.0:
-                now = time.monotonic()
-                with lock:
-                    grants.append(now)
-            else:
-                time.sleep(0.005)
-
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return sorted(grants)
-
-
-def max_in_any_window(times: list[float], width: float) -> int:
-    best, first = 0, 0
-    for last, t in enumerate(times):
-        while t - times[first] >= width:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
-
-
-def test_redis_limiter_is_atomic_across_concurrent_clients(rds: redis.Redis) -> None:
-    key = new_key()
-    # Each thread has its own connection, as each worker process would.
-    grants = hammer(lambda: RedisRateLimiter(redis.Redis.from_url(REDIS_URL), key, 5, 0.4), 8, 1.3)
-    # never more than the limit in any period (a little slack for the Redis round trip) ...
-    assert max_in_any_window(grants, 0.4 - 0.03) <= 5
-    # ... and the credits come back window after window
-    assert len(grants) >= 3 * 5
-
-
-def test_redis_limiter_grants_exactly_the_limit_to_a_burst(rds: redis.Redis) -> None:
-    key = new_key()
-    granted: list[int] = []
-    barrier = threading.Barrier(10)
-
-    def run() -> None:
-        limiter = RedisRateLimiter(redis.Redis.from_url(REDIS_URL), key, 7, 30.0)
-        barrier.wait()
-        granted.extend(1 for _ in range(10) if limiter.acquire(1) == 0.0)
-
-    workers = [threading.Thread(target=run) for _ in range(10)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert len(granted) == 7  # 100 attempts at once, exactly the limit granted
-    assert rds.zcard(key) == 7
+# --- rate limiters ---------------------------------------------------------------------------
 
 
 def test_local_limiter_has_the_same_contract() -> None:
@@ -336,30 +222,6 @@ def test_get_provider_defaults_to_synthetic_and_reuses_it() -> None:
     assert isinstance(provider, SyntheticProvider) and provider.name == "synthetic"
     assert isinstance(provider, MarketDataProvider)
     assert get_provider(settings) is provider
-
-
-def test_get_provider_twelvedata_shares_credits_through_redis(rds: redis.Redis) -> None:
-    api_key = f"key-{uuid.uuid4().hex}"
-    settings = Settings(
-        market_data_provider="twelvedata",
-        twelvedata_api_key=api_key,
-        provider_credits_per_minute=5,
-        provider_batch_size=8,
-        provider_timeout=3,
-    )
-    provider = get_provider(settings, rds)
-    assert isinstance(provider, TwelveDataProvider) and provider.name == "twelvedata"
-    assert provider.batch_size == 5  # a batch must fit in a minute's credits
-    assert provider.timeout == 3
-    # a fresh client to the same Redis (what a task passes) gets the same provider
-    assert get_provider(settings, redis.Redis.from_url(REDIS_URL)) is provider
-    limiter = provider._limiter
-    assert isinstance(limiter, RedisRateLimiter) and limiter.limit == 5
-    assert limiter.period == 60.0
-    assert api_key not in limiter.key  # a hash of the key, not the key
-    local = get_provider(settings)
-    assert isinstance(local, TwelveDataProvider) and local is not provider
-    assert isinstance(local._limiter, LocalRateLimiter)
 
 
 def test_twelvedata_without_a_key_is_a_config_error() -> None:
