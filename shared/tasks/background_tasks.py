@@ -28,7 +28,7 @@ from tasks import index, metrics, reports, store
 from tasks.base import WaardhavenTask, _redis
 from tasks.celery_app import app
 from tasks.db import new_session, session_scope
-from tasks.errors import InvalidTaskArguments, PartialResult
+from tasks.errors import InvalidTaskArguments, NotEnoughData, PartialResult
 from tasks.market_data import RateLimited, TransientProviderError, get_provider
 from tasks.progress import Progress
 from tasks.settings import get_settings
@@ -320,36 +320,44 @@ def _refresh_chunk(
 
 @app.task(name="compute_index", base=DatabaseTask, bind=True)
 def compute_index(self: DatabaseTask, start: str | None = None, end: str | None = None) -> Any:
-    """Recompute the index and its allocations from the stored prices and the strategy."""
+    """Recompute the index and its allocations from the stored prices and the strategy.
+
+    With start/end only the dates in [start, end] are written, computed from all the history
+    before them (lookbacks, holdings, the base of 100): the values equal a full recompute's.
+    """
     first, last = _parse_date("start", start), _parse_date("end", end)
     _validate(IndexArgs, start=first, end=last)
     if first and last and first > last:
-        raise InvalidTaskArguments("start", f"{first} is after end {last}")
+        raise InvalidTaskArguments("end", f"{last} is before start {first}")
     progress = Progress(self, 3)
     session = self.session
     params = store.strategy_config(session)
     progress.update(0, "loading prices", force=True)
-    dates, symbols, closes = store.price_matrix(session, first, last)
+    dates, symbols, closes = store.price_matrix(session, None, last)
     if len(symbols) == 0:
-        raise InvalidTaskArguments("start", "no prices stored in this period: refresh first")
+        up_to = f" up to end {last}" if last else ""
+        raise NotEnoughData(f"no prices stored{up_to}: run refresh_market_data first")
     progress.update(1, f"computing over {len(symbols)} assets x {len(dates)} days", force=True)
-    try:
-        result = index.compute_index(dates, symbols, closes, params)
-    except ValueError as exc:
-        raise InvalidTaskArguments("start", str(exc)) from exc
+    computed = index.compute_index(dates, symbols, closes, params)
+    result = computed.between(first, last)
+    if len(result.dates) == 0:
+        raise InvalidTaskArguments(
+            "start", f"{first} is after the newest index date {computed.dates[-1]}"
+        )
     progress.update(2, "writing index values and allocations", force=True)
-    self.rows_written = store.write_index(session, result)
+    self.rows_written = store.write_index(session, result, first, last)
     session.commit()
-    metrics.index_assets(len(result.symbols))
+    held = int((computed.weights[-1] > 0).sum())  # at the newest rebalance
+    metrics.index_assets(held)
     progress.update(3, "done", force=True)
     return {
         "start": str(result.dates[0]),
         "end": str(result.dates[-1]),
         "days": len(result.dates),
         "last_value": round(float(result.values[-1]), 6),
-        "assets": len(result.symbols),
+        "assets": held,
         "rebalances": len(result.rebalance_dates),
-        "dropped": result.dropped,
+        "never_held": computed.never_held(),
     }
 
 

@@ -20,6 +20,15 @@ class InvalidTaskArguments(ValueError):
         return f"invalid argument {self.args[0]!r}: {self.args[1]}"
 
 
+class NotEnoughData(ValueError):
+    """The stored data cannot give a result yet (no prices, no eligible asset): the task fails
+    at once saying what is missing, never retried; a refresh fixes it, not another argument."""
+
+
+class InvalidStrategy(ValueError):
+    """The `strategy_config` row breaks a rule: the task fails at once naming the column."""
+
+
 class InvalidMessage(ValueError):
     """A task message the worker refused: too large, wrong content type, malformed body."""
 

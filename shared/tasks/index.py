@@ -1,32 +1,39 @@
 """Index computation: pure functions on NumPy arrays (DOMAIN.md, compute_index).
 
 Kept from the original: the cleaning rules, the three-way weight mix, base 100. Fixed:
-- an asset's missing data is measured over its own listed period (late listings are kept);
+- point in time: which assets may be held is decided at each rebalance date from the data
+  known that day (`eligibility`), so prices dated after D change no value or weight dated
+  <= D, and assets that stop trading or are no longer refreshed stay in every past value;
+- `min_price` is an eligibility rule, not a data filter: a crash below it shows in the index;
 - outliers are judged against a trailing window of past returns only (no look-ahead);
 - quarterly (91 days) and yearly (365 days) rebalancing happen;
-- the lookback ends the day before the rebalance date;
 - momentum with no qualifying asset falls back to equal weight (no division by zero);
-- between rebalances holdings drift with prices (the original re-applied target weights
-  every day, a daily rebalance in effect).
+- holdings drift with prices between rebalances (the original re-applied the target weights
+  every day, a daily rebalance in effect). A held asset whose prices stop earns nothing (it
+  keeps its last close) until the next rebalance, where it is not eligible and its value
+  goes to the others.
 
-Timing: weights decided on rebalance date t use returns up to t-1 and are held from the close
-of t-1, so they earn the return of day t onward. Eligibility (and market caps, when given) is
-read on date t itself, as the strategy defines it.
+Timing: a rebalance happens at the close of its date t. Eligibility reads the close of t, the
+lookback ends at t-1 (as DOMAIN.md says), and the new holdings earn the returns from t+1 on:
+nothing decided at t uses later data, and a crash on t is borne by the holdings before it.
 
-The index compounds the cleaned returns (clipped, outliers replaced), as the original did.
-Every trailing statistic (outlier mean/std, lookback volatility, momentum) comes from running
-sums over the whole matrix, so the cost is O(days x assets) whatever the rebalance frequency.
+tests/support/index_reference.py is the same algorithm written plainly, and property tests
+check this one against it. The trailing statistics come from running sums, so the cost is
+O(days x assets) whatever the rebalance frequency.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import numbers
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from tasks.errors import NotEnoughData
 
 REBALANCE_DAYS: dict[str, int] = {
     "daily": 1,
@@ -38,7 +45,8 @@ REBALANCE_DAYS: dict[str, int] = {
 LOOKBACK_DAYS = 60
 MOMENTUM_DAYS = 20
 MIN_OUTLIER_HISTORY = 20  # past returns needed before the outlier rule applies
-MAX_MISSING_FRACTION = 0.10
+MAX_MISSING_FRACTION = 0.10  # of the lookback's days, for an asset to be eligible
+MIN_LISTED_DAYS = 20  # days since its first close a late listing needs to be eligible
 COLUMN_BLOCK = 32  # assets cleaned at a time (bench/run.py, index section)
 _MIX = ("momentum_weight", "market_cap_weight", "risk_parity_weight")
 
@@ -100,12 +108,39 @@ class StrategyParams:
 
 @dataclass(frozen=True)
 class IndexResult:
-    dates: np.ndarray  # datetime64[D], from the first date a kept asset has a close
-    values: np.ndarray  # float64, first value 100.0
-    symbols: list[str]  # the assets kept; the columns of `weights`
+    dates: np.ndarray  # datetime64[D], from the first rebalance date
+    values: np.ndarray  # float64, 100.0 on the first rebalance date
+    symbols: list[str]  # every asset of the close matrix; the columns of `weights`
     rebalance_dates: np.ndarray  # datetime64[D]
     weights: np.ndarray  # (rebalances, symbols) target weights; rows sum to 1, 0 if ineligible
-    dropped: dict[str, str] = field(default_factory=dict)  # symbol -> why it was dropped
+
+    def between(self, start: dt.date | None, end: dt.date | None) -> IndexResult:
+        """The values and weights dated in [start, end] (None: unbounded), nothing rebased:
+        what a partial recompute writes."""
+        lo = np.datetime64(start or "NaT", "D")
+        hi = np.datetime64(end or "NaT", "D")
+
+        def inside(dates: np.ndarray) -> np.ndarray:
+            keep = np.ones(len(dates), dtype=bool)
+            if start:
+                keep &= dates >= lo
+            if end:
+                keep &= dates <= hi
+            return keep
+
+        days, rebalances = inside(self.dates), inside(self.rebalance_dates)
+        return IndexResult(
+            dates=self.dates[days],
+            values=self.values[days],
+            symbols=self.symbols,
+            rebalance_dates=self.rebalance_dates[rebalances],
+            weights=self.weights[rebalances],
+        )
+
+    def never_held(self) -> list[str]:
+        """The assets with no weight at any rebalance date."""
+        held = np.any(self.weights > 0, axis=0)
+        return [s for j, s in enumerate(self.symbols) if not held[j]]
 
 
 # --- 1. cleaning ----------------------------------------------------------------------------
@@ -128,16 +163,34 @@ def forward_fill(closes: np.ndarray, limit: int) -> np.ndarray:
     return filled
 
 
-def missing_fractions(closes: np.ndarray) -> np.ndarray:
-    """Share of missing days over each asset's own listed period (its first close to the last
-    date), so a late listing is not punished for the years before it existed; 1.0 if never
-    listed."""
-    n = closes.shape[0]
-    valid = ~np.isnan(closes)
-    listed = valid.any(axis=0)
-    period = n - np.where(listed, valid.argmax(axis=0), n)
-    missing = period - valid.sum(axis=0)
-    return np.where(listed, missing / np.maximum(period, 1), 1.0)
+def eligibility(filled: np.ndarray, min_price: float) -> np.ndarray:
+    """Whether each asset may be bought at the close of each date, from data known then.
+
+    Eligible on day t: a close on t (forward fill allowed) >= min_price, and fewer than
+    MAX_MISSING_FRACTION of its lookback days missing. Its lookback: the LOOKBACK_DAYS days
+    before t, or for a late listing the days since its first close, which must number at least
+    MIN_LISTED_DAYS. `filled` is the forward-filled close matrix; returns bool (days, assets).
+    """
+    n = filled.shape[0]
+    known = ~np.isnan(filled)
+    first = np.where(known.any(axis=0), known.argmax(axis=0), n)  # row of the first close
+    with np.errstate(invalid="ignore"):
+        ok = filled >= min_price  # NaN compares False: a close is needed
+    rows = np.arange(n)[:, None]
+    ok &= rows - first >= MIN_LISTED_DAYS
+    # The missing-day rule, for the assets with a missing day after their first close.
+    gappy = np.flatnonzero(n - first - known.sum(axis=0) > 0)
+    if len(gappy):
+        first = first[gappy]
+        listed = np.clip(rows - first, 0, LOOKBACK_DAYS)  # days in the lookback of row t
+        # gaps[t]: missing days in rows < t. Every row before the first close is missing, so
+        # the count at the lookback's first row max(t - LOOKBACK_DAYS, first) is
+        # max(gaps[t - LOOKBACK_DAYS], first), without gathering per cell.
+        gaps = np.zeros((n + 1, len(gappy)), dtype=np.int32)
+        np.cumsum(~known[:, gappy], axis=0, out=gaps[1:])
+        before = np.maximum(gaps[np.maximum(np.arange(n) - LOOKBACK_DAYS, 0)], first)
+        ok[:, gappy] &= gaps[:-1] - before < MAX_MISSING_FRACTION * listed
+    return ok
 
 
 # --- 2. returns -----------------------------------------------------------------------------
@@ -379,22 +432,24 @@ def target_weights(
 
 
 def index_values(returns: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Index level on every date, base 100 on the first, holdings drifting between rebalances.
+    """Index level from rows[0] (base 100) to the last row, holdings drifting between rebalances.
 
-    Weights k are set at the close before rows[k] and held (buy and hold) until the close before
-    the next rebalance: w_i(t+1) = w_i(t)(1 + r_i(t)) / (1 + R_p(t)), R_p(t) = sum w_i(t) r_i(t),
-    which is the same as level x sum_i w_i x prod(1 + r_i). Missing returns count 0.
+    Weights k are bought at the close of rows[k] and held (buy and hold) to the close of
+    rows[k + 1]: w_i(t+1) = w_i(t)(1 + r_i(t+1)) / (1 + R_p(t+1)), R_p = sum w_i r_i, which is
+    level x sum_i w_i x prod(1 + r_i). A missing return counts 0 (the last close is kept).
     """
     growth = np.where(np.isnan(returns), 1.0, 1.0 + returns)
-    values = np.empty(returns.shape[0])
-    values[: rows[0]] = 1.0  # before the first rebalance nothing is held
-    level = 1.0
-    bounds = [*rows.tolist(), returns.shape[0]]
+    first = int(rows[0])
+    values = np.empty(returns.shape[0] - first)
+    values[0] = 100.0
+    bounds = [*rows.tolist(), returns.shape[0] - 1]
     for k in range(len(rows)):
-        first, stop = bounds[k], bounds[k + 1]
-        values[first:stop] = level * (np.cumprod(growth[first:stop], axis=0) @ weights[k])
-        level = values[stop - 1]
-    return values / values[0] * 100.0
+        held, until = bounds[k], bounds[k + 1]  # earns the returns of rows held+1 .. until
+        if until > held:
+            level = values[held - first]
+            grown = np.cumprod(growth[held + 1 : until + 1], axis=0) @ weights[k]
+            values[held + 1 - first : until + 1 - first] = level * grown
+    return values
 
 
 def compute_index(
@@ -406,8 +461,9 @@ def compute_index(
 ) -> IndexResult:
     """Index values (base 100) and target weights at each rebalance date (DOMAIN.md steps 1-5).
 
-    The index starts on the first date any kept asset has a close. A date on which no kept
-    asset has a close is never a rebalance date (the holdings keep drifting).
+    The index starts on the first date an asset is eligible. A date on which none is, is never
+    a rebalance date (the holdings keep drifting). Raises NotEnoughData when no asset is ever
+    eligible, ValueError on inconsistent arrays.
     """
     params = params or StrategyParams()
     dates = np.asarray(dates, dtype="datetime64[D]")
@@ -420,38 +476,14 @@ def compute_index(
         market_caps = np.asarray(market_caps, dtype=float)
         if market_caps.shape != closes.shape:
             raise ValueError(f"market_caps has shape {market_caps.shape}, expected {closes.shape}")
-    if len(dates) < 2:
-        raise ValueError(f"need prices on at least 2 dates to compute an index, got {len(dates)}")
     if np.any(np.diff(dates) <= np.timedelta64(0, "D")):
         raise ValueError("dates must be strictly increasing")
 
-    # 1. Cleaning: too-low (or invalid) closes are missing; short gaps filled; gappy assets go.
+    # 1. Cleaning: invalid closes (<= 0, not finite) are missing; short gaps filled.
     with np.errstate(invalid="ignore"):
-        # (NaN compares False; with min_price > 0 the test `> 0` is implied)
-        usable = closes >= params.min_price
-        if params.min_price <= 0:
-            usable &= closes > 0
-        usable &= closes != np.inf
-        closes[~usable] = np.nan
+        closes[~((closes > 0) & (closes != np.inf))] = np.nan
     filled = forward_fill(closes, params.max_forward_fill_days)
-    missing = missing_fractions(filled)
-    keep = missing < MAX_MISSING_FRACTION
-    dropped = {
-        s: ("no valid price" if m >= 1.0 else f"{m:.0%} of its listed days missing")
-        for s, m, k in zip(symbols, missing, keep, strict=True)
-        if not k
-    }
-    if not keep.any():
-        raise ValueError(
-            f"no asset has enough valid prices to compute an index ({len(symbols)} dropped)"
-        )
-    kept = [s for s, k in zip(symbols, keep, strict=True) if k]
-    everything = bool(keep.all())
-    begin = int((~np.isnan(filled if everything else filled[:, keep])).any(axis=1).argmax())
-    dates, filled = dates[begin:], (filled[begin:] if everything else filled[begin:, keep])
-    caps = None if market_caps is None else market_caps[begin:, keep]
-    if len(dates) < 2:
-        raise ValueError("the kept assets have prices on fewer than 2 dates")
+    eligible = eligibility(filled, params.min_price)
 
     # 2.-3. Returns, rebalance dates, lookback statistics (data up to the day before).
     # Column blocks: every step of the cleaning is per asset, and a block's temporaries stay
@@ -460,23 +492,29 @@ def compute_index(
     for first in range(0, filled.shape[1], COLUMN_BLOCK):
         block = slice(first, first + COLUMN_BLOCK)
         returns[:, block] = clean_returns(filled[:, block], params)
-    eligible = ~np.isnan(filled)
-    rows = rebalance_rows(dates, params.rebalance_frequency, eligible.any(axis=1))
-    momentum, volatility, observations = lookback_stats(returns, rows)
+    rows = rebalance_rows(dates, params.rebalance_frequency, np.any(eligible, axis=1))
+    if len(rows) == 0:
+        raise NotEnoughData(
+            f"no asset is eligible on any of the {len(dates)} dates: one needs a close >= "
+            f"min_price {params.min_price:g} and {MIN_LISTED_DAYS} days of prices with fewer "
+            f"than {MAX_MISSING_FRACTION:.0%} missing"
+        )
+    momentum, volatility, _ = lookback_stats(returns, rows)
 
-    # 4. Target weights; with no history at all (the first date) every component is equal.
+    # 4. Target weights.
     weights = target_weights(
-        momentum, volatility, eligible[rows], params, None if caps is None else caps[rows]
+        momentum,
+        volatility,
+        eligible[rows],
+        params,
+        None if market_caps is None else market_caps[rows],
     )
-    no_history = (observations == 0).all(axis=1)
-    weights[no_history] = _equal(eligible[rows][no_history])
 
     # 5. Index values.
     return IndexResult(
-        dates=dates,
+        dates=dates[rows[0] :],
         values=index_values(returns, rows, weights),
-        symbols=kept,
+        symbols=list(symbols),
         rebalance_dates=dates[rows],
         weights=weights,
-        dropped=dropped,
     )

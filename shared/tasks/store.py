@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from tasks import metrics
 from tasks.db import COPY_MIN_ROWS, can_copy, copy_upsert, upsert
+from tasks.errors import InvalidStrategy
 from tasks.index import IndexResult, StrategyParams
 from tasks.market_data import SEED_ASSETS, Bar
 from tasks.models import (
@@ -57,7 +58,10 @@ def strategy_config(session: Session) -> StrategyParams:
         row = StrategyConfig(**{f: getattr(StrategyParams(), f) for f in _STRATEGY_FIELDS})
         session.add(row)
         session.flush()
-    return StrategyParams(**{f: getattr(row, f) for f in _STRATEGY_FIELDS})
+    try:
+        return StrategyParams(**{f: getattr(row, f) for f in _STRATEGY_FIELDS})
+    except ValueError as exc:  # a row edited by hand: name the column, not a task argument
+        raise InvalidStrategy(f"strategy_config: {exc}") from None
 
 
 _STRATEGY_FIELDS = (
@@ -149,11 +153,12 @@ def upsert_prices(
 def price_matrix(
     session: Session, start: dt.date | None, end: dt.date | None, *, benchmark: bool = False
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(dates as datetime64[D], symbols, closes with NaN where missing) of active assets."""
+    """(dates as datetime64[D], symbols, closes with NaN where missing) of every asset with
+    prices, active or not (an inactive one is no longer refreshed; its history stays)."""
     query = (
         select(Asset.symbol, Price.date, Price.close)
         .join(Price, Price.asset_id == Asset.id)
-        .where(Asset.is_active.is_(True), Asset.is_benchmark.is_(benchmark))
+        .where(Asset.is_benchmark.is_(benchmark))
     )
     if start:
         query = query.where(Price.date >= start)
@@ -196,7 +201,7 @@ def _price_matrix_copy(
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """price_matrix on PostgreSQL: the three columns as binary COPY, parsed by NumPy in one go
     (about 10x quicker than a million Python row tuples; bench/run.py, index section)."""
-    conditions = ["a.is_active", "a.is_benchmark = %(benchmark)s"]
+    conditions = ["a.is_benchmark = %(benchmark)s"]
     if start:
         conditions.append("p.date >= %(start)s")
     if end:
@@ -229,21 +234,18 @@ def _price_matrix_copy(
     return dates, [names[int(ids[i])] for i in order], closes
 
 
-def write_index(session: Session, result: IndexResult) -> int:
-    """Upsert index values and allocations; drop stale rows of the recomputed span."""
-    first = result.dates[0].astype(object)
-    last = result.dates[-1].astype(object)
+def write_index(
+    session: Session, result: IndexResult, start: dt.date | None, end: dt.date | None
+) -> int:
+    """Make the stored index and allocations dated in [start, end] (None: unbounded) those of
+    `result`: upserts, and deletes what the span holds beyond it. Rows outside stay."""
+
     values = [
         {"date": d.astype(object), "value": float(v)}
         for d, v in zip(result.dates, result.values, strict=True)
     ]
-    session.execute(
-        delete(IndexValue).where(
-            IndexValue.date >= first,
-            IndexValue.date <= last,
-            IndexValue.date.not_in([v["date"] for v in values]),
-        )
-    )
+    kept = IndexValue.date.not_in([v["date"] for v in values])
+    session.execute(delete(IndexValue).where(*_within(IndexValue.date, start, end), kept))
     written = upsert(session, IndexValue.__table__, values, ["date"], ["value"])
     ids = dict(
         session.execute(
@@ -257,11 +259,20 @@ def write_index(session: Session, result: IndexResult) -> int:
         if w > 0
     ]
     # A recomputation may choose other assets or dates: old allocations of the span go.
-    session.execute(delete(Allocation).where(Allocation.date >= first, Allocation.date <= last))
+    session.execute(delete(Allocation).where(*_within(Allocation.date, start, end)))
     written += upsert(session, Allocation.__table__, allocations, ["date", "asset_id"], ["weight"])
     metrics.rows_upserted("index_values", len(values))
     metrics.rows_upserted("allocations", len(allocations))
     return written
+
+
+def _within(column: Any, start: dt.date | None, end: dt.date | None) -> list[Any]:
+    conditions = []
+    if start:
+        conditions.append(column >= start)
+    if end:
+        conditions.append(column <= end)
+    return conditions
 
 
 def index_series(session: Session, since: dt.date | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -7,13 +7,15 @@ import re
 import numpy as np
 import pytest
 
+from tasks.errors import NotEnoughData
 from tasks.index import (
+    MIN_LISTED_DAYS,
     StrategyParams,
     clean_returns,
     compute_index,
+    eligibility,
     forward_fill,
     lookback_stats,
-    missing_fractions,
     rebalance_rows,
     target_weights,
 )
@@ -36,30 +38,76 @@ def test_forward_fill_never_fills_before_the_first_close() -> None:
     np.testing.assert_array_equal(forward_fill(closes, 5)[:, 0], [nan, nan, 2.0])
 
 
-def test_missing_share_counts_only_the_listed_period() -> None:
-    # Asset 0 listed from day 6 of 10, never missing since: 0%. The original measured over the
-    # whole window (60% missing) and dropped such late listings.
-    closes = np.full((10, 2), 1.0)
-    closes[:6, 0] = nan
-    closes[3, 1] = nan  # 1 of 10 days
-    np.testing.assert_allclose(missing_fractions(closes), [0.0, 0.1])
+def test_a_late_listing_is_eligible_after_20_days_of_prices() -> None:
+    closes = np.full((40, 1), 10.0)
+    closes[:7, 0] = nan  # first close on day 7
+    eligible = eligibility(closes, min_price=1.0)[:, 0]
+    assert MIN_LISTED_DAYS == 20
+    assert not eligible[: 7 + 20].any() and eligible[7 + 20 :].all()
 
 
-def test_late_listing_is_kept_and_a_gappy_asset_dropped() -> None:
-    closes = np.full((20, 3), 10.0)
-    closes[:12, 0] = nan  # listed on day 12: kept
-    closes[2:8:2, 1] = nan  # 3 isolated gaps: filled, kept
-    closes[5:10, 2] = nan  # a 5-day gap: 3 days stay missing = 15% -> dropped
-    result = compute_index(days(20), ["LATE", "GAPPY", "HOLE"], closes)
-    assert result.symbols == ["LATE", "GAPPY"]
-    assert "HOLE" in result.dropped and "15%" in result.dropped["HOLE"]
+def test_eligibility_needs_fewer_than_10_percent_of_the_lookback_missing() -> None:
+    # 100 days; asset 0 misses 5 days, asset 1 misses 6, both on days 30-35 (filled: NaN).
+    closes = np.full((100, 2), 10.0)
+    closes[30:35, 0] = nan
+    closes[30:36, 1] = nan
+    eligible = eligibility(closes, min_price=1.0)
+    # Day 80: the lookback is days 20-79, holding 5 (8.3 %) and 6 (10 %) missing days.
+    assert eligible[80, 0] and not eligible[80, 1]
+    # Day 96: the gap has left the lookback (days 36-95): both eligible again.
+    assert eligible[96].all()
 
 
-def test_closes_below_min_price_count_as_missing() -> None:
-    closes = np.array([[2.0, 10.0], [0.5, 10.0], [2.0, 10.0]] * 4)
-    result = compute_index(days(12), ["PENNY", "OK"], closes, StrategyParams(min_price=1.0))
-    # 0.5 -> missing, forward-filled with 2.0: the penny asset never moves.
-    assert result.values[-1] == pytest.approx(100.0)
+def test_eligibility_reads_the_close_of_the_day_against_min_price() -> None:
+    closes = np.full((30, 1), 10.0)
+    closes[25, 0] = 0.9  # below min_price on day 25 only
+    closes[27:, 0] = nan  # prices stop after day 26; forward fill covers 27-28 here
+    eligible = eligibility(forward_fill(closes, 2), min_price=1.0)[:, 0]
+    assert eligible[24] and not eligible[25] and eligible[26]
+    assert eligible[27] and eligible[28] and not eligible[29]  # forward fill allowed, then gone
+
+
+def test_a_gap_keeps_an_asset_out_only_while_it_is_in_the_lookback() -> None:
+    # The original dropped an asset from the whole history for gaps anywhere.
+    closes = np.full((200, 2), 10.0)
+    closes[100:110, 1] = nan  # 10 days, 8 of them stay missing after forward fill
+    params = StrategyParams(rebalance_frequency="daily")
+    result = compute_index(days(200), ["A", "GAPPY"], closes, params)
+    held = dict(zip(result.rebalance_dates, result.weights[:, 1] > 0, strict=True))
+    dates = days(200)
+    # Missing after the fill: days 102-109. Day 164's lookback (days 104-163) holds 6 of them
+    # (10 %), day 165's holds 5.
+    assert held[dates[99]] and not held[dates[102]] and not held[dates[110]]
+    assert not held[dates[164]] and held[dates[165]]
+
+
+def test_a_crash_below_min_price_shows_in_the_index() -> None:
+    # A and B flat at 10; the index starts on day 20 (20 days of prices), 50/50. On day 25, a
+    # rebalance date, A crashes to 0.5, below min_price: the holdings bought on day 20 bear
+    # it, then A is no longer eligible and B takes everything.
+    closes = np.full((35, 2), 10.0)
+    closes[25:, 0] = 0.5
+    params = StrategyParams(min_price=1.0, min_daily_return=-0.99)
+    result = compute_index(days(35), ["A", "B"], closes, params)
+    assert result.dates[0] == days(35)[20]
+    np.testing.assert_allclose(result.values[:5], 100.0)
+    np.testing.assert_allclose(result.values[5:], 100 * (0.5 * 0.05 + 0.5))  # 52.5
+    np.testing.assert_allclose(result.weights, [[0.5, 0.5], [0.0, 1.0], [0.0, 1.0]])
+
+
+def test_a_stopped_asset_is_held_frozen_until_the_next_rebalance() -> None:
+    # A rises 10 % on day 21, then its prices stop (last close day 22; filled to day 24). Its
+    # position keeps its last close until the rebalance of day 25, where it is not eligible
+    # and its value goes to B; B then rises 10 % on day 27.
+    closes = np.full((30, 2), 100.0)
+    closes[21:23, 0] = 110.0
+    closes[23:, 0] = nan
+    closes[27:, 1] = 110.0
+    params = StrategyParams(outlier_std_threshold=100)
+    result = compute_index(days(30), ["A", "B"], closes, params)
+    np.testing.assert_allclose(result.values[:7], [100, 105, 105, 105, 105, 105, 105])
+    np.testing.assert_allclose(result.values[7:], 115.5)
+    np.testing.assert_allclose(result.weights[1], [0.0, 1.0])
 
 
 def test_returns_are_clipped() -> None:
@@ -142,22 +190,28 @@ def test_risk_parity_is_inverse_volatility() -> None:
 
 
 def test_lookback_ends_the_day_before_the_rebalance() -> None:
-    # Asset B jumps +40% on the second rebalance date itself (day 5). Weights chosen that day
-    # must not know it: with the jump excluded A and B look the same and get equal weights.
-    closes = np.ones((10, 2)) * 100
-    closes[5:, 1] = 140.0
-    params = StrategyParams(momentum_weight=0.0, market_cap_weight=0.0, risk_parity_weight=1.0)
-    result = compute_index(days(10), ["A", "B"], closes, params)
+    # B jumps +40% on the second rebalance date itself (day 25). Weights chosen that day must
+    # not know it: without the jump A and B have the same (zero) momentum: equal weights.
+    closes = np.ones((31, 2)) * 100
+    closes[25:, 1] = 140.0
+    params = StrategyParams(momentum_weight=1.0, market_cap_weight=0.0, risk_parity_weight=0.0)
+    result = compute_index(days(31), ["A", "B"], closes, params)
+    assert result.rebalance_dates[1] == days(31)[25]
     np.testing.assert_allclose(result.weights[1], [0.5, 0.5])
+    np.testing.assert_allclose(result.weights[2], [0.0, 1.0])  # day 30 knows it
 
 
 def test_holdings_drift_between_rebalances() -> None:
-    # Two assets, 50/50 on day 0, no rebalance in 3 days. A: +10% then +10%; B: 0 then -50%.
-    # Drifted: day1 = 0.5*1.1 + 0.5*1.0 = 1.05; day2 = 0.5*1.21 + 0.5*0.5 = 0.855.
+    # Two assets, 50/50 on day 20, no rebalance after. A: +10% then +10%; B: 0 then -50%.
+    # Drifted: day 21 = 0.5*1.1 + 0.5*1.0 = 1.05; day 22 = 0.5*1.21 + 0.5*0.5 = 0.855.
     # (Fixed target weights would give 1.05 * (1 + 0.5*0.1 + 0.5*-0.5) = 0.84.)
-    closes = np.array([[100.0, 100.0], [110.0, 100.0], [121.0, 50.0]])
-    params = StrategyParams(rebalance_frequency="monthly", min_daily_return=-0.6)
-    result = compute_index(days(3), ["A", "B"], closes, params)
+    closes = np.full((23, 2), 100.0)
+    closes[21] = [110.0, 100.0]
+    closes[22] = [121.0, 50.0]
+    params = StrategyParams(
+        rebalance_frequency="monthly", min_daily_return=-0.6, outlier_std_threshold=100
+    )
+    result = compute_index(days(23), ["A", "B"], closes, params)
     np.testing.assert_allclose(result.values, [100.0, 105.0, 85.5])
 
 
@@ -173,6 +227,19 @@ def test_result_invariants_on_random_data() -> None:
     assert np.all(result.weights >= 0)
     assert result.weights[0, 3] == 0  # not listed yet on the first rebalance
     assert result.weights[-1, 3] > 0
+
+
+def test_between_keeps_the_values_and_weights_of_the_span() -> None:
+    rng = np.random.default_rng(5)
+    closes = 50 * np.exp(np.cumsum(rng.normal(0, 0.02, (120, 3)), axis=0))
+    result = compute_index(days(120), ["A", "B", "C"], closes)
+    start, end = days(120)[50].astype(object), days(120)[80].astype(object)
+    part = result.between(start, end)
+    assert part.dates[0] == days(120)[50] and part.dates[-1] == days(120)[80]
+    np.testing.assert_array_equal(part.values, result.values[30:61])  # the index starts on day 20
+    inside = (result.rebalance_dates >= days(120)[50]) & (result.rebalance_dates <= days(120)[80])
+    np.testing.assert_array_equal(part.weights, result.weights[inside])
+    assert len(result.between(None, None).dates) == len(result.dates)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +258,11 @@ def test_strategy_validation_names_the_field(changes: dict[str, object], field: 
 
 
 def test_degenerate_inputs_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match="at least 2 dates"):
+    with pytest.raises(NotEnoughData, match="no asset is eligible"):
         compute_index(days(1), ["A"], np.ones((1, 1)))
-    with pytest.raises(ValueError, match="no asset"):
+    with pytest.raises(NotEnoughData, match="no asset is eligible on any of the 5 dates"):
         compute_index(days(5), ["A"], np.full((5, 1), nan))
+    with pytest.raises(NotEnoughData, match=r"min_price 1 and 20 days"):
+        compute_index(days(30), ["PENNY"], np.full((30, 1), 0.5))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        compute_index(days(3)[::-1], ["A"], np.ones((3, 1)))
