@@ -274,13 +274,18 @@ def _symbols() -> list[str]:
 # --- 3. index --------------------------------------------------------------------------------
 
 
-def lower_bound(closes: np.ndarray, dates: np.ndarray, rebalance_days: int) -> np.ndarray:
-    """The index's arithmetic with nothing else: a gap-free close matrix, returns clipped,
-    trailing 60-day mean/std by running sums (outlier test), 60-day volatility and 20-day
-    momentum at the rebalance rows, the weight mix, and drifting holdings between rebalances.
-    No validation, no forward fill, no missing-data handling: the least work the same figures
-    need, so a floor for `index.compute_index`."""
-    window, mom = 60, 20
+def lower_bound(
+    closes: np.ndarray, dates: np.ndarray, rebalance_days: int, min_price: float
+) -> np.ndarray:
+    """The index's arithmetic with nothing else, on a gap-free close matrix whose assets all
+    start on the first date (the bench's data set): returns clipped, trailing 60-day mean/std
+    by running sums (outlier test), the point-in-time eligibility (a close >= min_price on the
+    date, 20 days of prices; the missing-day rule is void without gaps), 60-day volatility and
+    20-day momentum at the rebalance rows, the weight mix over the eligible assets, holdings
+    bought at the rebalance close and drifting. No validation, no forward fill, no
+    missing-data handling: the least work the same figures need, so a floor for
+    `index.compute_index`."""
+    window, mom, listed = 60, 20, 20
     n, m = closes.shape
     r = np.empty_like(closes)
     r[0] = 0.0
@@ -301,15 +306,21 @@ def lower_bound(closes: np.ndarray, dates: np.ndarray, rebalance_days: int) -> n
         std = np.sqrt(np.maximum(s2 - s1 * mean, 0.0) / (cnt - 1))
         outlier = (cnt >= 20) & (np.abs(r - mean) > 3.0 * std)
     r = np.where(outlier, mean, r)  # (the product uses the window's median)
-    # rebalance rows: every `rebalance_days` calendar days
+    # Eligible: a close >= min_price that day, from the 20th day of prices on.
+    allowed = (closes >= min_price).any(axis=1)
+    allowed[:listed] = False
+    # rebalance rows: the first allowed date, then the first allowed one `rebalance_days`
+    # calendar days or more after the previous
     step = np.timedelta64(rebalance_days, "D")
-    rows = [0]
+    candidates = np.flatnonzero(allowed)
+    rows = [int(candidates[0])]
     while True:
-        nxt = int(np.searchsorted(dates, dates[rows[-1]] + step))
-        if nxt >= n:
+        due = np.searchsorted(candidates, np.searchsorted(dates, dates[rows[-1]] + step))
+        if due >= len(candidates):
             break
-        rows.append(nxt)
+        rows.append(int(candidates[due]))
     rb = np.array(rows)
+    eligible = closes[rb] >= min_price
     logs = np.zeros((n + 1, m))
     np.cumsum(np.log1p(r), axis=0, out=logs[1:])
     momentum = np.expm1(logs[rb] - logs[np.maximum(rb - mom, 0)])
@@ -321,21 +332,25 @@ def lower_bound(closes: np.ndarray, dates: np.ndarray, rebalance_days: int) -> n
         )
         / (window - 1)
     )
-    score = np.where(momentum > -0.01, np.maximum(momentum, 0.0), 0.0)
+    score = np.where(eligible & (momentum > -0.01), np.maximum(momentum, 0.0), 0.0)
     w_mom = score / np.maximum(score.sum(axis=1, keepdims=True), 1e-300)
-    inv = np.where(vol > 0, 1.0 / np.where(vol > 0, vol, 1.0), 0.0)
+    inv = np.where(eligible & (vol > 0), 1.0 / np.where(vol > 0, vol, 1.0), 0.0)
     w_risk = inv / np.maximum(inv.sum(axis=1, keepdims=True), 1e-300)
-    weights = 0.4 * w_mom + 0.3 / m + 0.3 * w_risk
+    w_cap = eligible / eligible.sum(axis=1, keepdims=True)
+    weights = 0.4 * w_mom + 0.3 * w_cap + 0.3 * w_risk
     weights /= weights.sum(axis=1, keepdims=True)
     growth = 1.0 + r
-    values = np.empty(n)
-    level = 1.0
-    bounds = [*rb.tolist(), n]
+    values = np.empty(n - rb[0])
+    values[0] = 100.0
+    bounds = [*rb.tolist(), n - 1]
     for k in range(len(rb)):
-        a, b = bounds[k], bounds[k + 1]
-        values[a:b] = level * (np.cumprod(growth[a:b], axis=0) @ weights[k])
-        level = values[b - 1]
-    return values / values[0] * 100.0
+        a, b = bounds[k], bounds[k + 1]  # bought at the close of a, held to the close of b
+        if b > a:
+            level = values[a - rb[0]]
+            values[a + 1 - rb[0] : b + 1 - rb[0]] = level * (
+                np.cumprod(growth[a + 1 : b + 1], axis=0) @ weights[k]
+            )
+    return values
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> float:
@@ -391,14 +406,12 @@ def bench_index(app: Any, workdir: Path, scale: float) -> dict[str, Any]:
     repeat = 7 if scale >= 1 else 2
     result = index.compute_index(dates, symbols, closes, params)
     step = REBALANCE_DAYS[params.rebalance_frequency]
+    bound = partial(lower_bound, closes, dates, step, params.min_price)
     out["compute_s"], out["lower_bound_s"] = paired_best(
-        partial(index.compute_index, dates, symbols, closes, params),
-        partial(lower_bound, closes, dates, step),
-        repeat,
+        partial(index.compute_index, dates, symbols, closes, params), bound, repeat
     )
-    out["lower_bound_deviation"] = float(
-        np.max(np.abs(lower_bound(closes, dates, step) / result.values - 1))
-    )
+    out["gap_free"] = bool(np.isfinite(closes).all())  # the floor's assumption
+    out["lower_bound_deviation"] = float(np.max(np.abs(bound() / result.values - 1)))
     # Memory: the peak of NumPy's allocations (tracemalloc sees them) during the computation.
     gc.collect()
     tracemalloc.start()
@@ -408,13 +421,13 @@ def bench_index(app: Any, workdir: Path, scale: float) -> dict[str, Any]:
     out["input_mib"] = closes.nbytes / 2**20
     out["peak_mib"] = peak / 2**20
     tracemalloc.start()
-    lower_bound(closes, dates, step)
+    bound()
     _, peak_lb = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     out["lower_bound_peak_mib"] = peak_lb / 2**20
     with session_scope() as session:
         t = time.perf_counter()
-        written = store.write_index(session, result)
+        written = store.write_index(session, result, None, None)
         session.commit()
         out["write_s"] = time.perf_counter() - t
         out["rows_written"] = written
@@ -424,7 +437,7 @@ def bench_index(app: Any, workdir: Path, scale: float) -> dict[str, Any]:
         sub_c, sub_d, sub_s = closes[-d:, :a], dates[-d:], symbols[:a]
         seconds, floor = paired_best(
             partial(index.compute_index, sub_d, sub_s, sub_c, params),
-            partial(lower_bound, sub_c, sub_d, step),
+            partial(lower_bound, sub_c, sub_d, step, params.min_price),
             repeat,
         )
         sizes.append(
