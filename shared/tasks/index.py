@@ -169,7 +169,8 @@ def eligibility(filled: np.ndarray, min_price: float) -> np.ndarray:
     Eligible on day t: a close on t (forward fill allowed) >= min_price, and fewer than
     MAX_MISSING_FRACTION of its lookback days missing. Its lookback: the LOOKBACK_DAYS days
     before t, or for a late listing the days since its first close, which must number at least
-    MIN_LISTED_DAYS. `filled` is the forward-filled close matrix; returns bool (days, assets).
+    MIN_LISTED_DAYS. `filled` is the forward-filled close matrix (a filled day counts as
+    known); returns bool (days, assets).
     """
     n = filled.shape[0]
     known = ~np.isnan(filled)
