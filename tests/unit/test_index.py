@@ -189,6 +189,21 @@ def test_risk_parity_is_inverse_volatility() -> None:
     np.testing.assert_allclose(weights_after(returns, params), [2 / 3, 1 / 3])
 
 
+def test_a_delisting_changes_no_value_published_before_it() -> None:
+    # Issue 9: an asset stops trading, 25 more days arrive, and a value published earlier
+    # moved (123.13 -> 128.40): its missing days after the stop were counted over the whole
+    # window and it was dropped from all history.
+    rng = np.random.default_rng(9)
+    closes = 40 * np.exp(np.cumsum(rng.normal(0.001, 0.02, (150, 4)), axis=0))
+    closes[126:, 2] = nan  # stops after day 125
+    symbols = ["A", "B", "GONE", "D"]
+    published = compute_index(days(126), symbols, closes[:126])
+    later = compute_index(days(150), symbols, closes)
+    np.testing.assert_allclose(later.values[: len(published.values)], published.values)
+    assert published.weights[-1, 2] > 0  # it was held
+    assert later.weights[-1, 2] == 0  # and is no longer
+
+
 def test_lookback_ends_the_day_before_the_rebalance() -> None:
     # B jumps +40% on the second rebalance date itself (day 25). Weights chosen that day must
     # not know it: without the jump A and B have the same (zero) momentum: equal weights.
