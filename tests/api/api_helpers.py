@@ -43,7 +43,8 @@ class Stack:
 
     def client(self, token: str | None = "admin", **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.tokens[token]}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return httpx.Client(base_url=self.url, headers=headers, **kwargs)
 
     def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         """`waardhaven-tasks ...` with this stack's settings (signing keys included)."""
@@ -64,8 +65,8 @@ def write_tokens(path: Path) -> dict[str, str]:
     return tokens
 
 
-@pytest.fixture(scope="module")
-def stack(
+@pytest.fixture(scope="module", name="stack")
+def stack_fixture(
     tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_server_flushed: None
 ) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("api")
@@ -104,8 +105,8 @@ def stack(
     worker.stop()
 
 
-@pytest.fixture(scope="module")
-def redis_server_flushed() -> None:
+@pytest.fixture(scope="module", name="redis_server_flushed")
+def redis_server_flushed_fixture() -> None:
     import os
 
     import redis

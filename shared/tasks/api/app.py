@@ -284,10 +284,15 @@ def create_api(settings: Settings | None = None) -> FastAPI:
         known, meta = lookup(token, "read", task_id)
         return task_view(task_id, meta, known)
 
+    def readable(task_id: TaskId, token: Token) -> dict[str, Any]:
+        # A dependency: checked before the stream (and its 200) starts.
+        return lookup(token, "read", task_id)[0]
+
     @api.get("/v1/tasks/{task_id}/events", response_class=EventSourceResponse)
-    async def task_events(task_id: TaskId, token: Token) -> AsyncIterator[ServerSentEvent]:
+    async def task_events(
+        task_id: TaskId, known: Annotated[dict[str, Any], Depends(readable)]
+    ) -> AsyncIterator[ServerSentEvent]:
         """Server-Sent Events: the task's state now, then each update until it ends."""
-        known, _ = await _run_sync(lambda: lookup(token, "read", task_id))
         key = backend.get_key_for_task(task_id)
         client = aioredis.Redis.from_url(settings.backend_url)
         pubsub = client.pubsub()
