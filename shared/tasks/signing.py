@@ -20,7 +20,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from celery.utils.log import get_logger
+from kombu import pidbox
+
 from tasks.settings import Settings, SettingsError
+
+logger = get_logger(__name__)
+AUTH_CONTENT_TYPE = "application/data"  # what Celery's `auth` serializer declares
 
 KEY_BITS = 3072  # RSA (the only kind Celery's serializer takes); NIST: fine beyond 2030
 
@@ -47,10 +53,53 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def install(app: Any, settings: Settings) -> None:
     """Register the `auth` serializer with this process's key and trusted certificates."""
-    if settings.task_signing:
-        # JSON stays readable where no accept list is given (results, events): it is data
-        # there, never a task to run.
-        app.setup_security(allowed_serializers=["json"])
+    if not settings.task_signing:
+        return
+    # JSON stays readable where no accept list is given (results, events): it is data there,
+    # never a task to run.
+    app.setup_security(allowed_serializers=["json"])
+    # Control commands: signed ones as usual; unsigned ones only if they change nothing (the
+    # exporter's `inspect stats/active_queues`, which it sends in plain JSON), answered in JSON.
+    mailbox = app.control.mailbox
+    mailbox.accept = ["auth", "json"]
+    mailbox.node_cls = SignedControlNode
+
+
+def _read_only(method: Any) -> bool:
+    from celery.worker.control import Panel
+
+    meta = Panel.meta.get(method) if isinstance(method, str) else None
+    return meta is not None and meta.type == "inspect"
+
+
+class SignedControlNode(pidbox.Node):
+    """The worker's end of the control mailbox with signed messages on: `shutdown`, `revoke`,
+    `pool_restart`... only when signed; an unsigned one is logged and ignored."""
+
+    _reply_serializer: str | None = None
+
+    def handle_message(self, body: Any, message: Any = None) -> Any:
+        signed = message is None or message.content_type == AUTH_CONTENT_TYPE
+        method = body.get("method") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not (signed or _read_only(method)):
+            logger.error(
+                "Refused unsigned control command %.100r: only inspect commands may be unsigned",
+                method if method is not None else body,
+            )
+            return None
+        self._reply_serializer = None if signed else "json"  # answered as asked
+        return super().handle_message(body, message)
+
+    def reply(self, data: Any, exchange: Any, routing_key: Any, ticket: Any, **kw: Any) -> None:
+        mailbox: Any = self.mailbox
+        mailbox._publish_reply(
+            data,
+            exchange,
+            routing_key,
+            ticket,
+            channel=self.channel,
+            serializer=self._reply_serializer or mailbox.serializer,
+        )
 
 
 def generate_keys(directory: Path, name: str = "waardhaven-tasks", days: int = 730) -> Path:

@@ -94,12 +94,25 @@ def test_a_task_signed_by_an_unknown_key_is_refused_and_not_run(
     submit_ping(stack)
 
 
-def test_unsigned_control_commands_are_ignored(stack: Stack) -> None:
-    """A plain JSON `shutdown` broadcast (anyone with the Redis password) stops nothing."""
+def test_unsigned_control_commands_are_refused_but_unsigned_inspection_answered(
+    stack: Stack,
+) -> None:
+    """A plain JSON `shutdown` (anyone with the Redis password) stops nothing; the exporter's
+    plain JSON `inspect stats` and `active_queues` are still answered (in JSON)."""
     pid = stack.worker.proc.pid
-    intruder().control.broadcast("shutdown")
-    wait_log(stack, "Can't decode message body")  # kombu: not an accepted content type
-    time.sleep(1)
+    app = intruder()
+    app.control.broadcast("shutdown")
+    app.control.broadcast("pool_restart")
+    wait_log(stack, "Refused unsigned control command 'shutdown'")
+    wait_log(stack, "Refused unsigned control command 'pool_restart'")
+    stats = app.control.inspect(timeout=3).stats() or {}
+    assert any(name.startswith("high@") for name in stats), stats
+    queues = app.control.inspect(timeout=3).active_queues() or {}
+    assert {q["name"] for qs in queues.values() for q in qs} == {
+        "high_priority",
+        "low_priority",
+        "default",
+    }
     assert stack.worker.proc.poll() is None
     submit_ping(stack)
     assert stack.worker.proc.pid == pid
