@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import redis
 import redis.asyncio as aioredis
+from celery._state import _set_task_join_will_block
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -114,6 +115,10 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     from tasks.celery_app import Queue
     from tasks.celery_app import app as celery
 
+    # Celery's send_task subscribes the sender to each task's result channel, for a later
+    # .get(); the API never blocks on a result, and in a long-lived process the subscriptions
+    # would pile up. The flag a worker sets for itself turns that off (and makes .get() raise).
+    _set_task_join_will_block(True)
     models = argument_models()
     broker = redis.Redis.from_url(settings.redis_url)
     backend = celery.backend
