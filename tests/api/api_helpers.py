@@ -67,7 +67,10 @@ def write_tokens(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module", name="stack")
 def stack_fixture(
-    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_server_flushed: None
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    migrated_db: str,
+    redis_server_flushed: None,
 ) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("api")
     keys = generate_keys(tmp / "keys")
@@ -84,6 +87,7 @@ def stack_fixture(
         PROGRESS_INTERVAL="0.5",
         **EXTRA_TASKS,
         **signing,
+        **getattr(request.module, "WORKER_ENV", {}),  # a test module's own settings
     ).wait_ready()
     port = free_port()
     api = Service(

@@ -25,6 +25,11 @@ from tasks.signing import env_for, generate_keys
 __all__ = ["redis_server_flushed_fixture", "stack_fixture"]  # the fixtures
 
 
+# Refreshes of more than 5 assets run as a chord of chunk tasks that the worker sends itself
+# (and signs), the summary taking over the first task's id (Task.replace).
+WORKER_ENV = {"REFRESH_CHUNK_SIZE": "5"}
+
+
 def task_run_exists(task_id: str) -> bool:
     with get_engine().connect() as conn:
         found = conn.execute(text("SELECT 1 FROM task_runs WHERE task_id = :id"), {"id": task_id})
@@ -63,6 +68,16 @@ def test_a_signed_task_runs_and_records_who_sent_it(stack: Stack) -> None:
         ).one()
     assert row.state == "SUCCESS"
     assert row.requested_by.startswith("cli:")
+
+
+def test_tasks_the_worker_sends_itself_are_signed_too(stack: Stack) -> None:
+    with stack.client() as client:
+        task_id = client.post("/v1/tasks/refresh_market_data", json={"mode": "full"}).json()["id"]
+    meta = wait_state(stack, task_id, {"SUCCESS", "FAILURE"}, timeout=120)
+    assert meta["status"] == "SUCCESS", meta
+    assert meta["result"]["assets_refreshed"] == 14
+    assert stack.worker.output.count("Task refresh_market_data_chunk[") >= 3
+    assert "Refused task message" not in stack.worker.output
 
 
 def test_a_plain_json_task_message_is_refused_and_not_run(stack: Stack) -> None:
