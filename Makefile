@@ -29,7 +29,7 @@ $(EXPORTER_VENV)/.installed: services/exporter/requirements.lock $(BIN)/.install
 
 exporter-venv: $(EXPORTER_VENV)/.installed ## create .venv-exporter for services/exporter (queue metrics)
 
-run: venv ## start the whole stack locally (Redis, SQLite, workers, beat, Flower); Ctrl-C stops it
+run: venv ## start the whole stack locally (Redis, SQLite, workers, beat, Flower, API); Ctrl-C stops it
 	$(BIN)/waardhaven-tasks dev
 
 test-fast: venv ## the pure tests (tests/unit): seconds, no Redis, no PostgreSQL

@@ -228,8 +228,9 @@ def table(results: dict[str, Any]) -> str:
     for key, build in (("refresh", refresh_rows), ("index", index_rows), ("reports", reports_rows)):
         if key in results:
             rows += build(results[key])
-    if "scaling" in results:
-        rows += [tuple(r) for r in results["scaling"].get("rows", [])]
+    for key in ("scaling", "api"):  # sections that build their own rows
+        if key in results:
+            rows += [tuple(r) for r in results[key].get("rows", [])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows

@@ -6,7 +6,7 @@ bench/results.json. Everything runs on a private redis-server (free port) and a 
 PostgreSQL database (BENCH_POSTGRES_URL's server, default 127.0.0.1:5432, dropped at the end);
 workers are the real `services/worker-*/run` processes with the production settings.
 
-    python bench/run.py [--sections queue,refresh,index,reports,scaling] [--scale 0.25]
+    python bench/run.py [--sections queue,refresh,index,reports,scaling,api] [--scale 0.25]
 
 --scale shrinks the task counts and the data set (a quick smoke run); the figures in
 docs/performance.md come from a full run (--scale 1).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import Database, RedisServer, log  # noqa: E402
 
-SECTIONS = ("queue", "refresh", "index", "reports", "scaling")
+SECTIONS = ("queue", "refresh", "index", "reports", "scaling", "api")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import scaling
 
             results["scaling"] = scaling.run(results)
+        if "api" in sections:
+            from bench import api_bench
+
+            results["api"] = api_bench.run(app, workdir, args.scale)
     finally:
         results["seconds"] = round(time.perf_counter() - started, 1)
         results["machine"]["load_average_at_end"] = os.getloadavg()

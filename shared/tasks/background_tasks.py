@@ -115,6 +115,8 @@ class DatabaseTask(WaardhavenTask):
                         "task_id": task_id,
                         "name": self.name,
                         "queue": delivery.get("routing_key"),
+                        # a message header: "api:<token>", "beat", "cli:<user>" (docs/api.md)
+                        "requested_by": self.request.get("requested_by"),
                         **values,
                     },
                 )

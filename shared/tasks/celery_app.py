@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue as KombuQueue
 
-from tasks import health, metrics, prefork
+from tasks import health, metrics, prefork, signing
 from tasks.settings import Settings, get_settings, parse_crontab
 
 
@@ -36,23 +36,24 @@ ROUTES: dict[str, Queue] = {
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Crontab entries (UTC). `expires`: a run missed while beat was down is not piled up."""
+    by_beat = {"requested_by": "beat"}  # task_runs.requested_by
     return {
         "refresh-market-data-daily": {
             "task": "refresh_market_data",
             "schedule": parse_crontab(settings.schedule_refresh_market_data),
             "kwargs": {"mode": "smart"},
-            "options": {"queue": Queue.HIGH.value, "expires": 6 * 3600},
+            "options": {"queue": Queue.HIGH.value, "expires": 6 * 3600, "headers": by_beat},
         },
         "compute-index-hourly": {
             "task": "compute_index",
             "schedule": parse_crontab(settings.schedule_compute_index),
-            "options": {"queue": Queue.HIGH.value, "expires": 50 * 60},
+            "options": {"queue": Queue.HIGH.value, "expires": 50 * 60, "headers": by_beat},
         },
         "cleanup-old-data-weekly": {
             "task": "cleanup_old_data",
             "schedule": parse_crontab(settings.schedule_cleanup_old_data),
             "kwargs": {"days_to_keep": settings.retention_days},
-            "options": {"queue": Queue.LOW.value, "expires": 12 * 3600},
+            "options": {"queue": Queue.LOW.value, "expires": 12 * 3600, "headers": by_beat},
         },
     }
 
@@ -119,7 +120,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts_level": "INFO",
         # Refuses oversized and malformed task messages instead of crashing on them.
         "worker_consumer": "tasks.base:GuardedConsumer",
+        # kombu's Redis transport, dropping queue entries it cannot even parse (non-JSON...).
+        "broker_transport": "tasks.transport:Transport",
     }
+    config.update(signing.celery_config(settings))  # TASK_SIGNING: the `auth` serializer
     return config
 
 
@@ -127,6 +131,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("waardhaven_tasks", task_cls="tasks.base:WaardhavenTask")
     celery.config_from_object(build_config(settings))
+    signing.install(celery, settings)
     celery.steps["consumer"].add(health.WorkerHeartbeat)
     metrics.install(celery)
     prefork.install()  # cheap child replacement (worker_max_tasks_per_child)

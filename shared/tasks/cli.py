@@ -8,6 +8,7 @@ waardhaven-tasks dev          (the local stack; what `make run` starts)
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -91,7 +92,9 @@ def submit(task: str, args: tuple[str, ...], queue: str | None, wait: bool, time
         raise click.BadParameter(f"unknown task {task!r}; known: {', '.join(public)}")
     kwargs = dict(_parse_arg(a) for a in args)
     options = {"queue": queue} if queue else {}
-    result = app.tasks[task].apply_async(kwargs=kwargs, **options)
+    # task_runs.requested_by: who sent it from a shell
+    headers = {"requested_by": f"cli:{getpass.getuser()}"}
+    result = app.tasks[task].apply_async(kwargs=kwargs, headers=headers, **options)
     click.echo(result.id)
     if wait:
         sys.exit(_follow(result, timeout))
@@ -198,6 +201,45 @@ def revoke(task_id: str, terminate: bool) -> None:
     # SIGTERM: SIGQUIT is what stops a running task there.
     _app().control.revoke(task_id, terminate=terminate, signal="SIGQUIT")
     console.print(f"revoked {task_id}" + (" (terminating)" if terminate else ""))
+
+
+@main.command("api-token")
+@click.argument("name")
+@click.option(
+    "--allow",
+    multiple=True,
+    required=True,
+    metavar="PATTERN=ACTIONS",
+    help="Task pattern and actions, e.g. generate_report=submit, '*=read', '*=*'.",
+)
+def api_token(name: str, allow: tuple[str, ...]) -> None:
+    """Create an API token: prints the token (once: only its hash is kept) and its entry for
+    the tokens file (API_TOKENS_FILE, the Secret)."""
+    from tasks.api.tokens import actions_from_args, entry_for, new_token
+
+    try:
+        entry = entry_for(name, token := new_token(), actions_from_args(allow))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME/--allow") from None
+    console.print("token (shown once; give it to the client):")
+    click.echo(token)
+    console.print('entry for the "tokens" list of the tokens file:')
+    click.echo(json.dumps(entry))
+
+
+@main.command("signing-keys")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--days", default=730, show_default=True, help="Validity of the certificate.")
+@click.option("--name", default="waardhaven-tasks", show_default=True, help="Certificate CN.")
+def signing_keys(directory: str, days: int, name: str) -> None:
+    """Write a new signing key and certificate (TASK_SIGNING_KEY/CERT, certs/ for the store)."""
+    from pathlib import Path
+
+    from tasks.signing import env_for, generate_keys
+
+    out = generate_keys(Path(directory), name=name, days=days)
+    for key, value in env_for(out.resolve()).items():
+        click.echo(f"{key}={value}")
 
 
 @main.command()

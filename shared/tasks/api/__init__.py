@@ -1,0 +1,1 @@
+"""The HTTP API of waardhaven-tasks (services/api): `tasks.api.app:create_api`."""
