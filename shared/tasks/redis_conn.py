@@ -12,13 +12,16 @@ Two shapes (docs/sentinel.md):
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import urllib.parse
 from typing import Any
 
 import redis
 from redis.sentinel import Sentinel
 
-from tasks.settings import Settings
+from tasks.settings import Settings, load_settings
 
 # Seconds a Sentinel may take to answer "who is the master?" before the next one is asked.
 SENTINEL_TIMEOUT = 2.0
@@ -106,3 +109,29 @@ def client(settings: Settings, **options: Any) -> redis.Redis:
         settings.redis_sentinel_master, password=settings.redis_password, db=DB, **options
     )
     return master
+
+
+def exporter_options(settings: Settings) -> str:
+    """celery-exporter's broker transport options, as its environment variable takes them:
+    `name=value` words separated by spaces (click splits there), values as compact JSON."""
+    words = []
+    for name, value in transport_options(settings).items():
+        word = f"{name}={json.dumps(value, separators=(',', ':'))}"
+        if any(c.isspace() for c in word):
+            raise SystemExit(f"redis_conn: {name} holds whitespace, which the exporter splits on")
+        words.append(word)
+    return " ".join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """For the services that are not this app (services/exporter/run): print a setting."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.redis_conn", description=main.__doc__)
+    parser.add_argument("what", choices=["broker-url", "exporter-options"])
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    print(broker_url(settings) if args.what == "broker-url" else exporter_options(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
