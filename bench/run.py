@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import Database, RedisServer, log  # noqa: E402
 
-SECTIONS = ("queue", "refresh", "index", "reports", "scaling")
+SECTIONS = ("queue", "refresh", "index", "reports", "scaling", "sentinel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import scaling
 
             results["scaling"] = scaling.run(results)
+        if "sentinel" in sections:
+            from bench import sentinel_bench
+
+            results["sentinel"] = sentinel_bench.run(workdir, args.scale)
     finally:
         results["seconds"] = round(time.perf_counter() - started, 1)
         results["machine"]["load_average_at_end"] = os.getloadavg()
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import table
 
     print(table(results))
+    if "sentinel" in results:  # docs/sentinel.md
+        from bench.sentinel_bench import table as sentinel_table
+
+        print(sentinel_table(results["sentinel"]))
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     log(f"done in {results['seconds']:.0f} s; results in {args.output}")
     return 0
