@@ -153,6 +153,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
         "p99_ms": median(r["latency"]["p99_ms"] for r in runs),
         "raw_per_second": median(r["raw"]["per_second"] for r in runs),
         "redis_cpu_ms_per_task": median(r["redis_cpu_ms_per_task"] for r in runs),
+        "worker_cpu_ms_per_task": median(r["worker_cpu_ms_per_task"] for r in runs),
     }
 
 
@@ -165,9 +166,11 @@ def rows(summary: dict[str, dict[str, float]], tasks: int) -> list[list[str]]:
             f"no-op pings through Redis Sentinel (master + 2 replicas, 3 Sentinels), {tasks:,} "
             f"pings, 1 pod -c 2, median of {ROUNDS}",
             f"{sen['per_second']:,.0f}/s; p50 {sen['p50_ms']:.1f} ms, p99 {sen['p99_ms']:.1f} ms; "
+            f"master CPU {sen['redis_cpu_ms_per_task']:.2f} ms/task; "
             f"raw LPUSH+BRPOP {sen['raw_per_second']:,.0f}/s",
             f"single Redis (AOF, password) {one['per_second']:,.0f}/s; p50 {one['p50_ms']:.1f} ms, "
-            f"p99 {one['p99_ms']:.1f} ms; raw {one['raw_per_second']:,.0f}/s",
+            f"p99 {one['p99_ms']:.1f} ms; Redis CPU {one['redis_cpu_ms_per_task']:.2f} ms/task; "
+            f"raw {one['raw_per_second']:,.0f}/s",
             f"{sen['per_second'] / one['per_second']:.2f}x",
             "",
         ]

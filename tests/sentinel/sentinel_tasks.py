@@ -19,7 +19,7 @@ from sqlalchemy import text
 from tasks.celery_app import Queue, app
 from tasks.db import session_scope
 
-TICK = 2.0
+TICK = 3.0
 TASK = "sentinel.beat_tick"
 
 app.conf.beat_schedule["sentinel-beat-tick"] = {
