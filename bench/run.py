@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import Database, RedisServer, log  # noqa: E402
 
-SECTIONS = ("queue", "refresh", "index", "reports", "scaling", "api")
+SECTIONS = ("queue", "refresh", "index", "reports", "scaling", "api", "sentinel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import api_bench
 
             results["api"] = api_bench.run(app, workdir, args.scale)
+        if "sentinel" in sections:
+            from bench import sentinel_bench
+
+            results["sentinel"] = sentinel_bench.run(workdir, args.scale)
     finally:
         results["seconds"] = round(time.perf_counter() - started, 1)
         results["machine"]["load_average_at_end"] = os.getloadavg()
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import table
 
     print(table(results))
+    if "sentinel" in results:  # docs/sentinel.md
+        from bench.sentinel_bench import table as sentinel_table
+
+        print(sentinel_table(results["sentinel"]))
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     log(f"done in {results['seconds']:.0f} s; results in {args.output}")
     return 0

@@ -25,6 +25,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "var" / "chaos-results.json"
+# Redis Sentinel failover (docs/sentinel.md): its own tests folder, its own servers.
+SENTINEL_SCENARIO = "tests/sentinel/test_sentinel_failover.py"
 COLUMNS = [
     ("scenario", "scenario"),
     ("sent", "sent"),
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         code = subprocess.call(
             [sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider",
-             *pytest_args],
+             SENTINEL_SCENARIO, *pytest_args],
             cwd=REPO,
             env=env,
         )  # fmt: skip

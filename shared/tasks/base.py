@@ -25,6 +25,7 @@ from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from tasks import redis_conn
 from tasks.errors import InvalidMessage, PoisonMessage
 from tasks.settings import get_settings
 
@@ -38,7 +39,7 @@ logger = get_logger(__name__)
 
 @functools.cache
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(get_settings().redis_url)
+    return redis_conn.client(get_settings())
 
 
 class WaardhavenTask(Task):

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue as KombuQueue
 
-from tasks import health, metrics, prefork, signing
+from tasks import health, metrics, prefork, redis_conn, signing
 from tasks.settings import Settings, get_settings, parse_crontab
 
 
@@ -67,12 +67,13 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
         "socket_keepalive": True,
         "health_check_interval": 25,
+        **redis_conn.transport_options(settings),  # Sentinel: master name, Sentinel password
     }
     imports = ["tasks.background_tasks"]
     imports += [m.strip() for m in settings.waardhaven_extra_task_modules.split(",") if m.strip()]
     config: dict[str, Any] = {
-        "broker_url": settings.redis_url,
-        "result_backend": settings.backend_url,
+        "broker_url": redis_conn.broker_url(settings),
+        "result_backend": redis_conn.backend_url(settings),
         "imports": imports,
         # JSON only: pickle would let anyone who can write to Redis run code (CVE-2021-23727).
         "task_serializer": "json",
@@ -112,7 +113,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_default_routing_key": Queue.DEFAULT.value,
         "task_routes": {name: {"queue": q.value} for name, q in ROUTES.items()},
         "beat_schedule": beat_schedule(settings),
-        "redbeat_redis_url": settings.redis_url,
+        **redis_conn.redbeat_config(settings),
         "redbeat_key_prefix": "waardhaven:redbeat:",
         "redbeat_lock_timeout": settings.beat_lock_timeout,
         # Beat renews its lock every loop: the loop must be well inside the lock timeout.
@@ -121,7 +122,7 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # Refuses oversized and malformed task messages instead of crashing on them.
         "worker_consumer": "tasks.base:GuardedConsumer",
         # kombu's Redis transport, dropping queue entries it cannot even parse (non-JSON...).
-        "broker_transport": "tasks.transport:Transport",
+        **redis_conn.broker_transport(settings),
     }
     config.update(signing.celery_config(settings))  # TASK_SIGNING: the `auth` serializer
     return config

@@ -750,12 +750,11 @@ class _LiveCollector:
 
     def _client(self) -> Any:
         if self._redis is None:
-            import redis
-
+            from tasks import redis_conn
             from tasks.settings import get_settings
 
-            self._redis = redis.Redis.from_url(
-                get_settings().redis_url,
+            self._redis = redis_conn.client(
+                get_settings(),
                 socket_timeout=REDIS_TIMEOUT,
                 socket_connect_timeout=REDIS_TIMEOUT,
                 health_check_interval=0,

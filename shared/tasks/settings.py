@@ -44,6 +44,18 @@ class Settings(BaseSettings):
     result_backend_url: str | None = Field(
         None, description="Result backend URL; defaults to REDIS_URL."
     )
+    redis_sentinels: str = Field(
+        "", description="Sentinels, host:port,host:port; set, Redis is found through them."
+    )
+    redis_sentinel_master: str = Field(
+        "mymaster", description="Name of the master the Sentinels watch (Sentinel mode)."
+    )
+    redis_password: str | None = Field(
+        None, description="Password of the Redis servers (Sentinel mode; else in REDIS_URL)."
+    )
+    redis_sentinel_password: str | None = Field(
+        None, description="Password of the Sentinels (Sentinel mode, required there)."
+    )
     database_url: str = Field(
         "sqlite:///var/waardhaven.db",
         description="SQLAlchemy URL: postgresql+psycopg2://... in production, SQLite locally.",
@@ -156,6 +168,22 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str) -> str:
+        for item in filter(None, (i.strip() for i in value.split(","))):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port (e.g. redis-sentinel:26379)")
+        return value
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _master_name(cls, value: str) -> str:
+        if not value or any(c.isspace() or c in ";/:@" for c in value):
+            raise ValueError("must be a name without spaces or any of ; / : @")
+        return value
+
     @field_validator(
         "schedule_refresh_market_data", "schedule_compute_index", "schedule_cleanup_old_data"
     )
@@ -181,6 +209,17 @@ class Settings(BaseSettings):
             for name in ("task_signing_key", "task_signing_cert", "task_signing_cert_store"):
                 if not getattr(self, name):
                     raise ValueError(f"{name.upper()} is required with TASK_SIGNING=true")
+        if self.redis_sentinels.strip():
+            # One way to name Redis: a URL that would be silently ignored is an error.
+            if {"redis_url", "result_backend_url"} & self.model_fields_set:
+                raise ValueError(
+                    "REDIS_SENTINELS replaces REDIS_URL and RESULT_BACKEND_URL: unset them"
+                )
+            if not self.redis_password or not self.redis_sentinel_password:
+                raise ValueError(
+                    "REDIS_SENTINELS needs REDIS_PASSWORD and REDIS_SENTINEL_PASSWORD"
+                    " (no Redis without a password)"
+                )
         if self.market_data_provider == "twelvedata" and not self.twelvedata_api_key:
             raise ValueError("TWELVEDATA_API_KEY is required with MARKET_DATA_PROVIDER=twelvedata")
         return self

@@ -99,3 +99,11 @@ class Transport(kombu_redis.Transport):
             logger.error("Dropped a queue entry of %r: %s: %s", queue, problem, _preview(message))
             return
         super()._deliver(message, queue)
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same rule on kombu's Sentinel channel (REDIS_SENTINELS)."""
+
+
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -56,8 +56,11 @@ def _redis_identity(client: Any) -> tuple[Any, ...]:
     """Which Redis a client talks to (callers may pass a fresh client each time)."""
     if client is None:
         return ()
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
-    return tuple((k, kwargs.get(k)) for k in ("host", "port", "db", "path", "username", "password"))
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", {})
+    keys = ("host", "port", "db", "path", "username", "password")
+    # A Sentinel-managed pool has no host: it names the master it follows.
+    return (getattr(pool, "service_name", None), *((k, kwargs.get(k)) for k in keys))
 
 
 def build_provider(settings: Settings, redis_client: Any = None) -> MarketDataProvider:
