@@ -20,6 +20,8 @@ import urllib.parse
 from typing import Any
 
 import redis
+import redis.asyncio
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.sentinel import Sentinel
 
 from tasks.settings import Settings, load_settings
@@ -126,6 +128,20 @@ def client(settings: Settings, **options: Any) -> redis.Redis:
     manager = Sentinel(sentinels(settings), sentinel_kwargs=_sentinel_kwargs(settings))
     master: redis.Redis = manager.master_for(
         settings.redis_sentinel_master, password=settings.redis_password, db=DB, **options
+    )
+    return master
+
+
+def async_backend_client(settings: Settings) -> redis.asyncio.Redis:
+    """An asyncio client on the result backend's Redis (the API's event streams)."""
+    if not sentinel_mode(settings):
+        return redis.asyncio.Redis.from_url(settings.backend_url)
+    manager = AsyncSentinel(sentinels(settings), sentinel_kwargs=_sentinel_kwargs(settings))
+    master: redis.asyncio.Redis = manager.master_for(
+        settings.redis_sentinel_master,
+        password=settings.redis_password,
+        db=DB,
+        socket_timeout=MASTER_SOCKET_TIMEOUT,
     )
     return master
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import redis
-import redis.asyncio as aioredis
 from celery._state import _set_task_join_will_block
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -30,6 +29,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tasks import redis_conn
 from tasks.api.tokens import Action, TokenEntry, TokenStore
 from tasks.market_data.ratelimit import RedisRateLimiter
 from tasks.settings import Settings, get_settings
@@ -120,7 +120,7 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     # would pile up. The flag a worker sets for itself turns that off (and makes .get() raise).
     _set_task_join_will_block(True)
     models = argument_models()
-    broker = redis.Redis.from_url(settings.redis_url)
+    broker = redis_conn.client(settings)
     backend = celery.backend
     limiters: dict[str, RedisRateLimiter] = {}
 
@@ -299,7 +299,7 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     ) -> AsyncIterator[ServerSentEvent]:
         """Server-Sent Events: the task's state now, then each update until it ends."""
         key = backend.get_key_for_task(task_id)
-        client = aioredis.Redis.from_url(settings.backend_url)
+        client = redis_conn.async_backend_client(settings)
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(key)  # first, so that no update falls between the two
@@ -318,7 +318,7 @@ def create_api(settings: Settings | None = None) -> FastAPI:
                 meta = backend.decode_result(message["data"])
         finally:
             await pubsub.aclose()  # type: ignore[attr-defined]  # redis>=5, not in the stubs
-            await client.aclose()  # type: ignore[attr-defined]
+            await client.aclose()  # type: ignore[attr-defined]  # redis>=5, not in the stubs
 
     @api.delete("/v1/tasks/{task_id}", status_code=202)
     def revoke_task(
