@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ TODAY = D(2026, 12, 1)
 HISTORY = D(2018, 1, 1)
 
 
-def plan(newest: dict[str, D | None], mode: Any = "smart", **kw: Any) -> Any:
+def plan(newest: Mapping[str, D | None], mode: Any = "smart", **kw: Any) -> Any:
     kw.setdefault("batch_size", 8)
     return plan_refresh(
         mode, newest, TODAY, history_start=HISTORY, retention_days=365, overlap_days=5, **kw
