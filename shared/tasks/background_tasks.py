@@ -58,7 +58,7 @@ class IndexArgs(_Args):
 
 class ReportArgs(_Args):
     report_type: Literal["performance", "allocation", "risk"] = "performance"
-    period_days: int = Field(30, ge=2, le=36500)
+    period_days: int = Field(30, ge=2, le=25200)  # trading days (252 a year)
 
 
 class CleanupArgs(_Args):
@@ -415,15 +415,21 @@ def generate_report(
 
 
 def _performance(session: Session, period_days: int) -> dict[str, Any]:
+    """Metrics of the last `period_days` trading days: that many daily returns, so one index
+    value more (a 2-day report on a Monday spans Thursday's close to Monday's)."""
     dates, values = store.index_series(session)
-    if len(dates) < 2:
-        raise InvalidTaskArguments("period_days", "fewer than 2 index values: run compute_index")
-    since = dates[-1] - np.timedelta64(period_days, "D")
-    keep = dates >= since
-    bench_dates, bench_values = store.benchmark_series(session, since.astype(object))
+    need = period_days + 1
+    if len(dates) < need:
+        raise InvalidTaskArguments(
+            "period_days",
+            f"{period_days} trading days need {need} index values but {len(dates)} are stored: "
+            "run compute_index first, or ask for a shorter period",
+        )
+    dates, values = dates[-need:], values[-need:]
+    bench_dates, bench_values = store.benchmark_series(session, dates[0].astype(object))
     return reports.performance_metrics(
-        dates[keep],
-        values[keep],
+        dates,
+        values,
         bench_dates if len(bench_dates) else None,
         bench_values if len(bench_values) else None,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from kombu import Queue as KombuQueue
 
 from tasks import health, metrics, prefork
@@ -119,14 +119,31 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts_level": "INFO",
         # Refuses oversized and malformed task messages instead of crashing on them.
         "worker_consumer": "tasks.base:GuardedConsumer",
+        # Debugging only: apply_async runs the task in the caller (see RefuseEagerMode).
+        "task_always_eager": settings.task_always_eager,
     }
     return config
+
+
+class RefuseEagerMode(bootsteps.Step):
+    """A worker started with TASK_ALWAYS_EAGER would run every task it sends (a chord's parts,
+    a continuation) inside the task that sent it: it stops at start instead."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        if parent.app.conf.task_always_eager:
+            raise SystemExit(
+                "waardhaven-tasks: TASK_ALWAYS_EAGER=true runs tasks in the calling process, "
+                "for local debugging without a worker; a worker refuses to start with it. "
+                "Unset TASK_ALWAYS_EAGER for workers."
+            )
+        super().__init__(parent, **kwargs)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("waardhaven_tasks", task_cls="tasks.base:WaardhavenTask")
     celery.config_from_object(build_config(settings))
+    celery.steps["worker"].add(RefuseEagerMode)
     celery.steps["consumer"].add(health.WorkerHeartbeat)
     metrics.install(celery)
     prefork.install()  # cheap child replacement (worker_max_tasks_per_child)

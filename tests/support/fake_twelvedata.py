@@ -8,8 +8,8 @@ refused whole, costs nothing, and is answered with TwelveData's error body
 minute. ..."}` (or "... for the day"), with HTTP 200 (`over_quota="body"`, what TwelveData
 does) or HTTP 429 (`over_quota="http"`).
 
-Scriptable: `fail_first` answers the first N requests with an HTTP error, `delay` slows every
-answer down, `next_day()` starts a new day's credits.
+Scriptable: `fail_first` answers the first N requests with an HTTP error (`fail_at`: those
+request numbers), `delay` slows every answer down, `next_day()` starts a new day's credits.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class FakeTwelveData:
     def __init__(
         self,
         fail_first: int = 0,
+        fail_at: set[int] | None = None,
         fail_status: int = 503,
         delay: float = 0.0,
         script: list[tuple[int, Any, dict[str, str]]] | None = None,
@@ -48,6 +49,7 @@ class FakeTwelveData:
     ) -> None:
         self.script = list(script or [])  # (status, body, headers) answered first, in order
         self.fail_first = fail_first
+        self.fail_at = set(fail_at or ())  # request numbers (1-based) answered fail_status
         self.fail_status = fail_status
         self.delay = delay
         self.api_key = api_key
@@ -73,7 +75,7 @@ class FakeTwelveData:
                 if fake.script:
                     self._send(*fake.script.pop(0))
                     return
-                if len(fake.requests) <= fake.fail_first:
+                if len(fake.requests) <= fake.fail_first or len(fake.requests) in fake.fail_at:
                     self._send(fake.fail_status, {"status": "error", "message": "try later"})
                     return
                 if not fake.authorized(self.headers.get("Authorization"), query):
