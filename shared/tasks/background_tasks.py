@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import numpy as np
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded
