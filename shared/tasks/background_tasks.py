@@ -146,9 +146,47 @@ class RefreshRun:
         }
 
 
+class LocalRefreshRun(RefreshRun):
+    """The same in this process only: eager mode (TASK_ALWAYS_EAGER) runs without Redis."""
+
+    runs: dict[str, dict[str, Any]] = {}
+
+    def __init__(self, run_id: str) -> None:
+        self.state = self.runs.setdefault(run_id, {"done": set(), "failed": {}, "counts": {}})
+
+    def done(self) -> set[str]:
+        return set(self.state["done"])
+
+    def record(
+        self, symbols: Sequence[str], failed: dict[str, str], refreshed: int, ins: int, upd: int
+    ) -> None:
+        self.state["done"].update(symbols)
+        self.state["failed"].update(failed)
+        counts = self.state["counts"]
+        for name, n in (("assets_refreshed", refreshed), ("rows_inserted", ins)):
+            counts[name] = counts.get(name, 0) + n
+        counts["rows_updated"] = counts.get("rows_updated", 0) + upd
+
+    def totals(self) -> dict[str, Any]:
+        counts = self.state["counts"]
+        return {
+            "assets_refreshed": counts.get("assets_refreshed", 0),
+            "rows_inserted": counts.get("rows_inserted", 0),
+            "rows_updated": counts.get("rows_updated", 0),
+            "symbols_failed": dict(self.state["failed"]),
+        }
+
+
 def _run_of(task: WaardhavenTask) -> RefreshRun:
     # The refresh's own id: a retry, a continuation (Task.replace) and the summary keep it.
+    if task.request.is_eager:
+        return LocalRefreshRun(task.request.id or "local")
     return RefreshRun(_redis(), task.request.id or "local")
+
+
+def _provider_for(task: WaardhavenTask) -> Any:
+    """Credits shared by all workers through Redis; in eager mode counted in this process."""
+    return get_provider(get_settings(), None if task.request.is_eager else _redis())
 
 
 @app.task(name="refresh_market_data", base=DatabaseTask, bind=True)
@@ -167,8 +205,9 @@ def refresh_market_data(
     names = [a.symbol for a in store.assets_for_refresh(self.session, args.symbols)]
     missing = sorted(set(args.symbols or ()) - set(names))
     run = _run_of(self)
-    provider = get_provider(settings, _redis())
-    if provider.credits_per_minute is None and len(names) > settings.refresh_chunk_size:
+    provider = _provider_for(self)
+    chunked = len(names) > settings.refresh_chunk_size and not self.request.is_eager
+    if provider.credits_per_minute is None and chunked:
         # The summary task takes over this task's id (Task.replace): the caller's AsyncResult
         # ends with the totals, and the summary writes this run's final row in task_runs.
         groups = plan.chunks(names, settings.refresh_chunk_size)
@@ -258,7 +297,7 @@ def _refresh(
     else the seconds after which a continuation should go on (the budget ran out)."""
     settings = get_settings()
     session = task.session
-    provider = get_provider(settings, _redis())
+    provider = _provider_for(task)
     assets = {a.symbol: a.id for a in store.assets_for_refresh(session, list(symbols))}
     params = store.strategy_config(session)
     newest_by_id = store.newest_price_dates(session, list(assets.values()))
