@@ -26,6 +26,7 @@ from tasks.base import DatabaseTask, WaardhavenTask, _redis
 from tasks.celery_app import app
 from tasks.errors import InvalidTaskArguments, PartialResult, QuotaExhausted
 from tasks.market_data import DailyQuotaExhausted, RateLimited, get_provider, plan
+from tasks.market_data.run import RUN_TTL, LocalRefreshRun, RefreshRun
 from tasks.progress import Progress
 from tasks.settings import get_settings
 
@@ -103,78 +104,9 @@ def committed_with_its_count() -> Iterator[None]:
 
 # --- refresh_market_data ------------------------------------------------------------------
 
-RUN_KEY = "waardhaven:refresh:{run}"  # hash of totals; :done (set), :failed (hash)
-RUN_TTL = 2 * 86400  # a run's progress outlives its retries and continuations
 # Rate-limited answers in a row for one batch before the wait counts as a failed try: credits
 # shared with another client of the same API key can stay short; retrying is then bounded.
 MAX_CREDIT_WAITS = 10
-
-
-class RefreshRun:
-    """What one refresh run (its retries and continuations included) wrote so far, in Redis,
-    keyed by the root task id: a retry or a continuation skips the symbols already done."""
-
-    def __init__(self, client: Any, run_id: str) -> None:
-        self.client, self.key = client, RUN_KEY.format(run=run_id)
-
-    def done(self) -> set[str]:
-        return {m.decode() for m in self.client.smembers(self.key + ":done")}
-
-    def record(
-        self, symbols: Sequence[str], failed: dict[str, str], refreshed: int, ins: int, upd: int
-    ) -> None:
-        pipe = self.client.pipeline()  # MULTI: all of a batch or none
-        if symbols:
-            pipe.sadd(self.key + ":done", *symbols)
-        if failed:
-            pipe.hset(self.key + ":failed", mapping=failed)
-        pipe.hincrby(self.key, "assets_refreshed", refreshed)
-        pipe.hincrby(self.key, "rows_inserted", ins)
-        pipe.hincrby(self.key, "rows_updated", upd)
-        for suffix in ("", ":done", ":failed"):
-            pipe.expire(self.key + suffix, RUN_TTL)
-        pipe.execute()
-
-    def totals(self) -> dict[str, Any]:
-        counts = {k.decode(): int(v) for k, v in self.client.hgetall(self.key).items()}
-        failed = self.client.hgetall(self.key + ":failed")
-        return {
-            "assets_refreshed": counts.get("assets_refreshed", 0),
-            "rows_inserted": counts.get("rows_inserted", 0),
-            "rows_updated": counts.get("rows_updated", 0),
-            "symbols_failed": {k.decode(): v.decode() for k, v in failed.items()},
-        }
-
-
-class LocalRefreshRun(RefreshRun):
-    """The same in this process only: eager mode (TASK_ALWAYS_EAGER) runs without Redis."""
-
-    runs: dict[str, dict[str, Any]] = {}
-
-    def __init__(self, run_id: str) -> None:
-        self.state = self.runs.setdefault(run_id, {"done": set(), "failed": {}, "counts": {}})
-
-    def done(self) -> set[str]:
-        return set(self.state["done"])
-
-    def record(
-        self, symbols: Sequence[str], failed: dict[str, str], refreshed: int, ins: int, upd: int
-    ) -> None:
-        self.state["done"].update(symbols)
-        self.state["failed"].update(failed)
-        counts = self.state["counts"]
-        for name, n in (("assets_refreshed", refreshed), ("rows_inserted", ins)):
-            counts[name] = counts.get(name, 0) + n
-        counts["rows_updated"] = counts.get("rows_updated", 0) + upd
-
-    def totals(self) -> dict[str, Any]:
-        counts = self.state["counts"]
-        return {
-            "assets_refreshed": counts.get("assets_refreshed", 0),
-            "rows_inserted": counts.get("rows_inserted", 0),
-            "rows_updated": counts.get("rows_updated", 0),
-            "symbols_failed": dict(self.state["failed"]),
-        }
 
 
 def _run_of(task: WaardhavenTask) -> RefreshRun:

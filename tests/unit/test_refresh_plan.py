@@ -91,3 +91,21 @@ def test_bad_sizes_are_refused() -> None:
 def test_chunks_split_in_order() -> None:
     assert chunks(["A", "B", "C", "D", "E"], 2) == [["A", "B"], ["C", "D"], ["E"]]
     assert chunks([], 3) == []
+
+
+def test_a_run_in_process_adds_up_its_batches_and_skips_them_next_time() -> None:
+    from tasks.market_data.run import LocalRefreshRun
+
+    run = LocalRefreshRun("unit-test-run")
+    run.record(["A", "B"], {}, 2, 10, 0)
+    run.record(["C"], {"C": "unknown symbol"}, 0, 0, 0)
+    again = LocalRefreshRun("unit-test-run")  # a continuation of the same run
+    assert again.done() == {"A", "B", "C"}
+    assert again.totals() == {
+        "assets_refreshed": 2,
+        "rows_inserted": 10,
+        "rows_updated": 0,
+        "symbols_failed": {"C": "unknown symbol"},
+    }
+    assert plan(dict.fromkeys("ABCD"), done=again.done()).symbols == ["D"]
+    assert LocalRefreshRun("another-run").done() == set()
