@@ -8,121 +8,29 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
-import numpy as np
-import psycopg2
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from tasks import index, metrics, reports, store
-from tasks.base import WaardhavenTask, _redis
+from tasks.base import DatabaseTask, WaardhavenTask, _redis
 from tasks.celery_app import app
-from tasks.db import new_session, session_scope
-from tasks.errors import InvalidTaskArguments, NotEnoughData, PartialResult
-from tasks.market_data import RateLimited, TransientProviderError, get_provider
+from tasks.errors import InvalidTaskArguments, NotEnoughData, PartialResult, QuotaExhausted
+from tasks.market_data import DailyQuotaExhausted, RateLimited, get_provider, plan
+from tasks.market_data.run import RUN_TTL, LocalRefreshRun, RefreshRun
 from tasks.progress import Progress
 from tasks.settings import get_settings
 
 logger = get_task_logger(__name__)
-
-# Errors that go away by themselves: a provider timeout or 5xx, a dropped DB connection (as
-# SQLAlchemy wraps it, or raw from psycopg2 where db.copy_upsert works on the DBAPI cursor).
-TRANSIENT_ERRORS = (
-    TransientProviderError,
-    OperationalError,
-    InterfaceError,
-    psycopg2.OperationalError,
-    psycopg2.InterfaceError,
-)
-
-
-class DatabaseTask(WaardhavenTask):
-    """A session per task (commit, rollback, close) and a row in `task_runs` for operators."""
-
-    abstract = True
-    rows_written = 0  # reset per run in before_start
-    autoretry_for = TRANSIENT_ERRORS
-    retry_backoff = True
-    retry_jitter = True
-
-    def __init__(self) -> None:
-        settings = get_settings()
-        self.retry_backoff_max = settings.retry_backoff_max
-        self.max_retries = settings.max_retries
-        self._session: Session | None = None
-
-    @property
-    def session(self) -> Session:
-        if self._session is None:
-            self._session = new_session()
-        return self._session
-
-    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        self.rows_written = 0
-        self._audit(task_id, state="STARTED", started_at=dt.datetime.now(dt.UTC))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # Released here, whatever the outcome: Celery calls after_return for neither RETRY nor
-        # REJECTED, and a session left behind by a retried run (its connection dropped by a
-        # PostgreSQL restart) would fail the next task in this process with
-        # PendingRollbackError.
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            self._release_session()
-
-    def _release_session(self) -> None:
-        session, self._session = self._session, None
-        if session is None:
-            return
-        try:
-            session.rollback()  # nothing uncommitted survives a task
-            session.close()
-        except SQLAlchemyError as exc:
-            logger.warning("database session not closed cleanly: %s", exc)
-            session.invalidate()
-
-    def after_return(
-        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        self._release_session()
-        error = None if status == "SUCCESS" else f"{type(retval).__name__}: {retval}"
-        self._audit(
-            task_id,
-            state=status,
-            finished_at=dt.datetime.now(dt.UTC),
-            rows_written=getattr(self, "rows_written", 0),
-            error=error,
-        )
-
-    def _audit(self, task_id: str, **values: Any) -> None:
-        delivery = self.request.delivery_info or {}
-        try:
-            with session_scope() as session:
-                store.record_task_run(
-                    session,
-                    {
-                        "task_id": task_id,
-                        "name": self.name,
-                        "queue": delivery.get("routing_key"),
-                        # a message header: "api:<token>", "beat", "cli:<user>" (docs/api.md)
-                        "requested_by": self.request.get("requested_by"),
-                        **values,
-                    },
-                )
-        except (OperationalError, InterfaceError) as exc:
-            # The audit trail must never turn a good task into a failed one.
-            logger.warning("task_runs not written for %s: %s", task_id, exc)
 
 
 def _validate(model: type[BaseModel], **kwargs: Any) -> Any:
@@ -150,7 +58,7 @@ class IndexArgs(_Args):
 
 class ReportArgs(_Args):
     report_type: Literal["performance", "allocation", "risk"] = "performance"
-    period_days: int = Field(30, ge=2, le=36500)
+    period_days: int = Field(30, ge=2, le=25200)  # trading days (252 a year)
 
 
 class CleanupArgs(_Args):
@@ -172,57 +80,110 @@ def _parse_date(field: str, value: Any) -> dt.date | None:
 def committed_with_its_count() -> Iterator[None]:
     """Hold off the soft time limit while a batch is written, committed and counted.
 
-    billiard signals the soft limit with SIG_SOFT_TIMEOUT (SIGUSR1) and the handler raises
+    billiard signals the soft limit with SIG_SOFT_TIMEOUT (SIGUSR1) and its handler raises
     SoftTimeLimitExceeded wherever the task is. Raised between a commit and its count, the task
     would report fewer rows than it kept; raised between a write and its commit, it would leave
-    half a batch in the session. Blocked here, the signal is delivered when the block ends, so
-    a batch is either kept and counted or not written at all.
+    half a batch in the session. Inside the block the handler only notes the signal, and the
+    limit is raised when the block ends. (Blocking the signal would not do: a signal mask is per
+    thread, and with any other thread alive the kernel may deliver the signal there; Python
+    then runs the handler in the main thread all the same.) Python handlers run in the main
+    thread only, so elsewhere (a thread pool, eager mode) there is no soft limit to hold off.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_SOFT_TIMEOUT})
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[Any] = []
+    previous = signal.signal(SIG_SOFT_TIMEOUT, lambda signum, frame: pending.append(frame))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(SIG_SOFT_TIMEOUT, previous)
+        if pending and callable(previous):
+            previous(SIG_SOFT_TIMEOUT, pending[0])  # billiard's handler raises the limit here
 
 
 # --- refresh_market_data ------------------------------------------------------------------
+
+# Rate-limited answers in a row for one batch before the wait counts as a failed try: credits
+# shared with another client of the same API key can stay short; retrying is then bounded.
+MAX_CREDIT_WAITS = 10
+
+
+def _run_of(task: WaardhavenTask) -> RefreshRun:
+    # The refresh's own id: a retry, a continuation (Task.replace) and the summary keep it.
+    if task.request.is_eager:
+        return LocalRefreshRun(task.request.id or "local")
+    return RefreshRun(_redis(), task.request.id or "local")
+
+
+def _provider_for(task: WaardhavenTask) -> Any:
+    """Credits shared by all workers through Redis; in eager mode counted in this process."""
+    return get_provider(get_settings(), None if task.request.is_eager else _redis())
 
 
 @app.task(name="refresh_market_data", base=DatabaseTask, bind=True)
 def refresh_market_data(
     self: DatabaseTask, mode: str = "smart", symbols: list[str] | None = None
 ) -> Any:
-    """Fetch daily bars for the active assets (or `symbols`) and upsert them."""
+    """Fetch daily bars for the active assets (or `symbols`) and upsert them.
+
+    With a provider quota (TwelveData) one task works through the plan, waiting for credits,
+    and after REFRESH_TASK_SECONDS continues as a new message with the same id (Task.replace):
+    well inside the soft time limit, and a worker slot is never held for the hour a large
+    refresh takes. Without a quota a large refresh runs as a group of chunk tasks.
+    """
     args = _validate(RefreshArgs, mode=mode, symbols=symbols)
     settings = get_settings()
-    assets = store.assets_for_refresh(self.session, args.symbols)
-    known = {a.symbol for a in assets}
-    missing = sorted(set(args.symbols or ()) - known)
-    names = [a.symbol for a in assets]
-    if len(names) <= settings.refresh_chunk_size:
-        result = _refresh_chunk(self, args.mode, names, chunk=None)
-        return _summarize([result], missing)
-    # A large refresh runs as a group of chunk tasks; the summary task takes over this
-    # task's id (Task.replace), so the caller's AsyncResult ends with the totals.
-    groups = list(store.chunks(names, settings.refresh_chunk_size))
-    parts = [
-        refresh_market_data_chunk.s(args.mode, list(part), self.request.id, i, len(groups))
-        for i, part in enumerate(groups)
-    ]
-    Progress(self, len(parts)).update(0, f"0/{len(parts)} chunks done", force=True)
-    raise self.replace(chord(parts, refresh_market_data_summary.s(missing)))
+    names = [a.symbol for a in store.assets_for_refresh(self.session, args.symbols)]
+    missing = sorted(set(args.symbols or ()) - set(names))
+    run = _run_of(self)
+    provider = _provider_for(self)
+    chunked = len(names) > settings.refresh_chunk_size and not self.request.is_eager
+    if provider.credits_per_minute is None and chunked:
+        # The summary task takes over this task's id (Task.replace): the caller's AsyncResult
+        # ends with the totals, and the summary writes this run's final row in task_runs.
+        groups = plan.chunks(names, settings.refresh_chunk_size)
+        parts = [
+            refresh_market_data_chunk.s(args.mode, part, self.request.id, i, len(groups))
+            for i, part in enumerate(groups)
+        ]
+        Progress(self, len(parts)).update(0, f"0/{len(parts)} chunks done", force=True)
+        raise self.replace(chord(parts, refresh_market_data_summary.s(missing, args.mode)))
+    budget = min(settings.refresh_task_seconds, settings.task_soft_time_limit)
+    resume_in = _refresh(self, run, args.mode, names, budget=budget)
+    if resume_in is not None:
+        logger.info("refresh continues in a new message in %.0f s", resume_in)
+        again = refresh_market_data.si(mode=args.mode, symbols=args.symbols)
+        raise self.replace(again.set(countdown=resume_in))
+    return _summarize(self, run, args.mode, missing)
 
 
-@app.task(name="refresh_market_data_chunk", base=DatabaseTask, bind=True)
+class RefreshChunkTask(DatabaseTask):
+    """A chunk's failure ends its chord: the run's row in task_runs says so (no summary runs)."""
+
+    abstract = True
+
+    def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        parent_id, index_, total = args[2], args[3], args[4]
+        self._audit(
+            parent_id,
+            name="refresh_market_data",
+            state="FAILURE",
+            finished_at=dt.datetime.now(dt.UTC),
+            error=f"chunk {index_ + 1}/{total} failed: {type(exc).__name__}: {exc}"[:2000],
+        )
+
+
+@app.task(name="refresh_market_data_chunk", base=RefreshChunkTask, bind=True)
 def refresh_market_data_chunk(
     self: DatabaseTask, mode: str, symbols: list[str], parent_id: str, index_: int, total: int
 ) -> dict[str, Any]:
-    result = _refresh_chunk(self, mode, symbols, chunk=(parent_id, index_, total))
+    _refresh(self, RefreshRun(_redis(), parent_id), mode, symbols, budget=None, chunk=True)
     # Progress of the parent: the set of finished chunks (a redelivered chunk counts once).
-    key = f"waardhaven:refresh:{parent_id}:done"
+    key = f"waardhaven:refresh:{parent_id}:chunks"
     pipe = _redis().pipeline()
     pipe.sadd(key, index_)
-    pipe.expire(key, 86400)
+    pipe.expire(key, RUN_TTL)
     pipe.scard(key)
     done = int(pipe.execute()[2])
     app.backend.store_result(
@@ -230,91 +191,111 @@ def refresh_market_data_chunk(
         {"current": done, "total": total, "status": f"{done}/{total} chunks done"},
         "PROGRESS",
     )
-    return result
+    return {"chunk": index_, "symbols": len(symbols)}
 
 
-@app.task(name="refresh_market_data_summary", bind=True)
+class RefreshSummaryTask(DatabaseTask):
+    abstract = True
+    audit_name = "refresh_market_data"  # it ends the run of that id
+
+
+@app.task(name="refresh_market_data_summary", base=RefreshSummaryTask, bind=True)
 def refresh_market_data_summary(
-    self: WaardhavenTask, results: list[dict[str, Any]], missing: list[str]
+    self: DatabaseTask, results: list[dict[str, Any]], missing: list[str], mode: str
 ) -> dict[str, Any]:
-    return _summarize(results, missing)
+    return _summarize(self, _run_of(self), mode, missing)
 
 
-def _summarize(results: Sequence[dict[str, Any]], missing: Sequence[str]) -> dict[str, Any]:
-    failed: dict[str, str] = {
-        s: "not in the assets table (run `waardhaven-tasks seed`)" for s in missing
-    }
-    for r in results:
-        failed.update(r["symbols_failed"])
-    return {
-        "mode": results[0]["mode"] if results else None,
-        "assets_refreshed": sum(r["assets_refreshed"] for r in results),
-        "rows_inserted": sum(r["rows_inserted"] for r in results),
-        "rows_updated": sum(r["rows_updated"] for r in results),
-        "symbols_failed": failed,
-    }
-
-
-def _refresh_chunk(
-    task: DatabaseTask, mode: str, symbols: Sequence[str], chunk: tuple[str, int, int] | None
+def _summarize(
+    task: DatabaseTask, run: RefreshRun, mode: str, missing: Sequence[str]
 ) -> dict[str, Any]:
+    """The run's totals (all its retries, continuations and chunks)."""
+    totals = run.totals()
+    failed = {s: "not in the assets table (run `waardhaven-tasks seed`)" for s in missing}
+    failed.update(totals.pop("symbols_failed"))
+    task.rows_written = totals["rows_inserted"] + totals["rows_updated"]
+    return {"mode": mode, **totals, "symbols_failed": failed}
+
+
+def _refresh(
+    task: DatabaseTask,
+    run: RefreshRun,
+    mode: str,
+    symbols: Sequence[str],
+    budget: float | None,
+    chunk: bool = False,
+) -> float | None:
+    """Work through the plan of `symbols` minus what `run` did. Returns None when finished,
+    else the seconds after which a continuation should go on (the budget ran out)."""
     settings = get_settings()
     session = task.session
-    provider = get_provider(settings, _redis())
+    provider = _provider_for(task)
     assets = {a.symbol: a.id for a in store.assets_for_refresh(session, list(symbols))}
-    params = store.strategy_config(session)
-    today = dt.datetime.now(dt.UTC).date()
-    floor = dt.date.fromisoformat(settings.history_start)
-    newest = store.newest_price_dates(session, list(assets.values()))
-    # Smart: from the newest stored day minus an overlap, never before what cleanup keeps.
-    starts: dict[dt.date, list[str]] = defaultdict(list)
-    for symbol, asset_id in assets.items():
-        start = floor
-        if mode == "smart":
-            start = max(floor, today - dt.timedelta(days=settings.retention_days))
-            if asset_id in newest:
-                start = max(
-                    start, newest[asset_id] - dt.timedelta(days=settings.refresh_overlap_days)
-                )
-        starts[start].append(symbol)
-    batches = [
-        (start, list(batch))
-        for start, group in sorted(starts.items())
-        for batch in store.chunks(group, provider.batch_size)
-    ]
+    newest_by_id = store.newest_price_dates(session, list(assets.values()))
+    todo = plan.plan_refresh(
+        "full" if mode == "full" else "smart",
+        {s: newest_by_id.get(i) for s, i in assets.items()},
+        dt.datetime.now(dt.UTC).date(),
+        history_start=dt.date.fromisoformat(settings.history_start),
+        retention_days=settings.retention_days,
+        overlap_days=settings.refresh_overlap_days,
+        batch_size=provider.batch_size,
+        done=run.done(),
+    )
+    deadline = None if budget is None else time.monotonic() + budget
     progress = Progress(task, len(assets))
-    done = {"assets_refreshed": 0, "rows_inserted": 0, "rows_updated": 0}
-    failed: dict[str, str] = {}
+    finished = len(assets) - len(todo.symbols)
     try:
-        for start, batch in batches:
-            if chunk is None:
-                progress.update(
-                    done["assets_refreshed"], f"fetching {', '.join(batch)} from {start}"
-                )
-            try:
-                fetched = provider.fetch_daily(batch, start, today)
-            except RateLimited as exc:
-                session.commit()  # keep the batches already written
-                raise task.retry(exc=exc, countdown=exc.retry_after) from exc
+        for n, batch in enumerate(todo.batches):
+            waits = 0
+            while True:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return 0.0
+                if not chunk:
+                    names = ", ".join(batch.symbols)
+                    progress.update(finished, f"fetching {names} from {batch.start}")
+                try:
+                    fetched = provider.fetch_daily(batch.symbols, batch.start, todo.end)
+                    break
+                except DailyQuotaExhausted as exc:
+                    left = [s for b in todo.batches[n:] for s in b.symbols]
+                    raise QuotaExhausted(
+                        f"{exc}; stopped with {len(left)} symbols left, the next run goes on "
+                        "from them",
+                        {**run.totals(), "symbols_left": left},
+                    ) from None
+                except RateLimited as exc:
+                    # The quota is the normal case: wait here (not a retry, so it never uses up
+                    # max_retries), or hand over when the wait would overrun the budget.
+                    waits += 1
+                    if waits > MAX_CREDIT_WAITS:
+                        raise
+                    if deadline is not None and time.monotonic() + exc.retry_after >= deadline:
+                        return exc.retry_after
+                    if not chunk:
+                        progress.update(
+                            finished,
+                            f"waiting {exc.retry_after:.0f}s for provider credits "
+                            f"({provider.credits_per_minute}/min); {finished}/{len(assets)} done",
+                            force=True,
+                        )
+                    time.sleep(exc.retry_after)
             with committed_with_its_count():
                 inserted, updated = store.upsert_prices(
-                    session, assets, fetched.bars, provider.name, params.min_price
+                    session, assets, fetched.bars, provider.name
                 )
                 session.commit()
-                failed.update({s: "unknown symbol" for s in fetched.unknown})
-                failed.update(fetched.invalid)
-                done["assets_refreshed"] += len(batch) - len(
-                    set(fetched.unknown) | set(fetched.invalid)
-                )
-                done["rows_inserted"] += inserted
-                done["rows_updated"] += updated
+                failed = {s: "unknown symbol" for s in fetched.unknown} | fetched.invalid
+                refreshed = len(batch.symbols) - len(set(failed))
+                run.record(batch.symbols, failed, refreshed, inserted, updated)
                 task.rows_written += inserted + updated
+                finished += len(batch.symbols)
     except SoftTimeLimitExceeded:
         # Every finished batch is committed and counted; nothing else was written.
-        raise PartialResult("refresh stopped at the soft time limit", done) from None
-    if chunk is None:
+        raise PartialResult("refresh stopped at the soft time limit", run.totals()) from None
+    if not chunk:
         progress.update(len(assets), "done", force=True)
-    return {"mode": mode, **done, "symbols_failed": failed}
+    return None
 
 
 # --- compute_index ------------------------------------------------------------------------
@@ -411,15 +392,21 @@ def generate_report(
 
 
 def _performance(session: Session, period_days: int) -> dict[str, Any]:
+    """Metrics of the last `period_days` trading days: that many daily returns, so one index
+    value more (a 2-day report on a Monday spans Thursday's close to Monday's)."""
     dates, values = store.index_series(session)
-    if len(dates) < 2:
-        raise InvalidTaskArguments("period_days", "fewer than 2 index values: run compute_index")
-    since = dates[-1] - np.timedelta64(period_days, "D")
-    keep = dates >= since
-    bench_dates, bench_values = store.benchmark_series(session, since.astype(object))
+    need = period_days + 1
+    if len(dates) < need:
+        raise InvalidTaskArguments(
+            "period_days",
+            f"{period_days} trading days need {need} index values but {len(dates)} are stored: "
+            "run compute_index first, or ask for a shorter period",
+        )
+    dates, values = dates[-need:], values[-need:]
+    bench_dates, bench_values = store.benchmark_series(session, dates[0].astype(object))
     return reports.performance_metrics(
-        dates[keep],
-        values[keep],
+        dates,
+        values,
         bench_dates if len(bench_dates) else None,
         bench_values if len(bench_values) else None,
     )

@@ -2,8 +2,10 @@
 
 Poison messages: `acks_late` + `task_reject_on_worker_lost` redeliver a task whose worker died.
 A message that kills its worker every time would loop forever, and Redis keeps no delivery
-count, so we keep one: deliveries of (task id, retry number) counted in Redis; past
-MAX_DELIVERIES the task fails with PoisonMessage instead of running again.
+count, so we keep one: deliveries of (task id, retry number, continuation) counted in Redis;
+past MAX_DELIVERIES the task fails with PoisonMessage instead of running again. Only deaths
+count: a task that a worker's soft shutdown puts back on the queue (SIGTERM, a rollout) gets
+its delivery back (`excuse_requeued_deliveries`), so three rollouts in a row fail nothing.
 
 Malformed messages: Celery builds each request in the worker's main process, and a body that
 is not `[args, kwargs, embed]` (or a `task` header that is not a string) raises there and stops
@@ -15,21 +17,28 @@ size, headers, content type and body shape; a bad one is logged with the reason,
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Callable
 from typing import Any
 
+import psycopg2
 import redis
-from celery import Task
+from celery import Task, signals
 from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from tasks import redis_conn
+from tasks import redis_conn, store
+from tasks.db import new_session, session_scope
 from tasks.errors import InvalidMessage, PoisonMessage
+from tasks.market_data import TransientProviderError
 from tasks.settings import get_settings
 
-DELIVERY_KEY = "waardhaven:deliveries:{id}:{retries}"
+# (task id, retry number, continuation: Task.replace keeps the id and resets the retries)
+DELIVERY_KEY = "waardhaven:deliveries:{id}:{retries}:{nesting}"
 # The largest task message a worker accepts. Ours are small (a refresh of 5,000 symbols is
 # ~60 kB); a bigger one is a mistake or an attack that would cost every worker its memory.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -48,8 +57,9 @@ class WaardhavenTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        if not request.called_directly and request.id and request.delivery_info:
-            self._count_delivery(request.id, request.retries or 0)
+        if not (request.called_directly or request.is_eager) and request.id:
+            nesting = request.get("replaced_task_nesting") or 0
+            self._count_delivery(request.id, request.retries or 0, nesting)
         return super().__call__(*args, **kwargs)
 
     def _get_exec_options(self) -> dict[str, Any]:
@@ -62,9 +72,9 @@ class WaardhavenTask(Task):
         options.pop("soft_time_limit", None)
         return options
 
-    def _count_delivery(self, task_id: str, retries: int) -> None:
+    def _count_delivery(self, task_id: str, retries: int, nesting: int) -> None:
         settings = get_settings()
-        key = DELIVERY_KEY.format(id=task_id, retries=retries)
+        key = DELIVERY_KEY.format(id=task_id, retries=retries, nesting=nesting)
         pipe = _redis().pipeline()
         pipe.incr(key)
         pipe.expire(key, settings.visibility_timeout * (settings.max_deliveries + 1))
@@ -75,6 +85,145 @@ class WaardhavenTask(Task):
                 f"{settings.max_deliveries}); its worker died each time, so it is failed "
                 "instead of run again"
             )
+
+
+# --- soft-shutdown requeues are not deaths ----------------------------------------------------
+
+# Requests this worker's main process started, by id (pruned once acknowledged).
+_started: dict[str, Any] = {}
+
+
+@signals.task_received.connect
+def _track_request(request: Any, **_: Any) -> None:
+    for task_id, old in list(_started.items()):
+        if old.acknowledged:
+            del _started[task_id]
+    _started[request.id] = request
+
+
+@signals.worker_shutting_down.connect
+def excuse_requeued_deliveries(**_: Any) -> None:
+    """Give back the delivery of each task a shutdown puts back on the queue.
+
+    Celery sends this signal in the main process once the soft shutdown has cancelled what was
+    still running: those requests started and are not acknowledged (acks_late), so their
+    messages return to the queue. Their worker did not die of them: not a poison delivery.
+    """
+    requeued = [r for r in _started.values() if r.time_start and not r.acknowledged]
+    if not requeued:
+        return
+    try:
+        client = redis.Redis.from_url(get_settings().redis_url)  # own pool: in a signal handler
+        pipe = client.pipeline()
+        for r in requeued:
+            info = r.request_dict
+            key = DELIVERY_KEY.format(
+                id=r.id,
+                retries=info.get("retries") or 0,
+                nesting=info.get("replaced_task_nesting") or 0,
+            )
+            pipe.decr(key)
+        pipe.execute()
+        client.close()
+    except redis.RedisError as exc:
+        logger.warning("deliveries of %d requeued tasks not given back: %s", len(requeued), exc)
+
+
+# --- the database task --------------------------------------------------------------------
+
+# Errors that go away by themselves: a provider timeout or 5xx, a dropped DB connection (as
+# SQLAlchemy wraps it, or raw from psycopg2 where db.copy_upsert works on the DBAPI cursor).
+TRANSIENT_ERRORS = (
+    TransientProviderError,
+    OperationalError,
+    InterfaceError,
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+)
+
+
+class DatabaseTask(WaardhavenTask):
+    """A session per task (commit, rollback, close) and a row in `task_runs` for operators."""
+
+    abstract = True
+    audit_name: str | None = None  # the task_runs name, if not the task's (a run's summary)
+    rows_written = 0  # reset per run in before_start
+    autoretry_for = TRANSIENT_ERRORS
+    retry_backoff = True
+    retry_jitter = True
+
+    def __init__(self) -> None:
+        settings = get_settings()
+        self.retry_backoff_max = settings.retry_backoff_max
+        self.max_retries = settings.max_retries
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = new_session()
+        return self._session
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        self.rows_written = 0
+        request = self.request
+        if request.retries or request.get("replaced_task_nesting"):
+            self._audit(task_id, state="STARTED")  # the run's row keeps when it began
+        else:
+            self._audit(task_id, state="STARTED", started_at=dt.datetime.now(dt.UTC))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Released here, whatever the outcome: Celery calls after_return for neither RETRY nor
+        # REJECTED, and a session left behind by a retried run (its connection dropped by a
+        # PostgreSQL restart) would fail the next task in this process with
+        # PendingRollbackError.
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._release_session()
+
+    def _release_session(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        try:
+            session.rollback()  # nothing uncommitted survives a task
+            session.close()
+        except SQLAlchemyError as exc:
+            logger.warning("database session not closed cleanly: %s", exc)
+            session.invalidate()
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        self._release_session()
+        error = None if status == "SUCCESS" else f"{type(retval).__name__}: {retval}"
+        self._audit(
+            task_id,
+            state=status,
+            finished_at=dt.datetime.now(dt.UTC),
+            rows_written=getattr(self, "rows_written", 0),
+            error=error,
+        )
+
+    def _audit(self, task_id: str, **values: Any) -> None:
+        delivery = self.request.delivery_info or {}
+        try:
+            with session_scope() as session:
+                store.record_task_run(
+                    session,
+                    {
+                        "task_id": task_id,
+                        "name": self.audit_name or self.name,
+                        "queue": delivery.get("routing_key"),
+                        # a message header: "api:<token>", "beat", "cli:<user>" (docs/api.md)
+                        "requested_by": self.request.get("requested_by"),
+                        **values,
+                    },
+                )
+        except (OperationalError, InterfaceError) as exc:
+            # The audit trail must never turn a good task into a failed one.
+            logger.warning("task_runs not written for %s: %s", task_id, exc)
 
 
 def message_problem(message: Any) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from kombu import Queue as KombuQueue
 
 from tasks import health, metrics, prefork, redis_conn, signing
@@ -123,9 +123,25 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_consumer": "tasks.base:GuardedConsumer",
         # kombu's Redis transport, dropping queue entries it cannot even parse (non-JSON...).
         **redis_conn.broker_transport(settings),
+        # Debugging only: apply_async runs the task in the caller (see RefuseEagerMode).
+        "task_always_eager": settings.task_always_eager,
     }
     config.update(signing.celery_config(settings))  # TASK_SIGNING: the `auth` serializer
     return config
+
+
+class RefuseEagerMode(bootsteps.Step):
+    """A worker started with TASK_ALWAYS_EAGER would run every task it sends (a chord's parts,
+    a continuation) inside the task that sent it: it stops at start instead."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        if parent.app.conf.task_always_eager:
+            raise SystemExit(
+                "waardhaven-tasks: TASK_ALWAYS_EAGER=true runs tasks in the calling process, "
+                "for local debugging without a worker; a worker refuses to start with it. "
+                "Unset TASK_ALWAYS_EAGER for workers."
+            )
+        super().__init__(parent, **kwargs)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -133,6 +149,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery = Celery("waardhaven_tasks", task_cls="tasks.base:WaardhavenTask")
     celery.config_from_object(build_config(settings))
     signing.install(celery, settings)
+    celery.steps["worker"].add(RefuseEagerMode)
     celery.steps["consumer"].add(health.WorkerHeartbeat)
     metrics.install(celery)
     prefork.install()  # cheap child replacement (worker_max_tasks_per_child)

@@ -46,3 +46,8 @@ class PartialResult(RuntimeError):
 
     def __str__(self) -> str:
         return f"{self.args[0]}; kept: {self.args[1]}"
+
+
+class QuotaExhausted(PartialResult):
+    """The provider's credits for the day are spent: what was written is kept, the symbols left
+    are listed, and the next run goes on from them. Not retried (it would only ask again)."""

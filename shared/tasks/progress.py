@@ -22,8 +22,9 @@ class Progress:
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        if self.task.request.called_directly or not self.task.request.id:
-            return
+        request = self.task.request
+        if request.called_directly or request.is_eager or not request.id:
+            return  # no one can poll it: a direct call, or eager mode (nothing is stored)
         self.task.update_state(
             state="PROGRESS",
             meta={"current": int(current), "total": self.total, "status": status},

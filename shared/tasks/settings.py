@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         0.5, ge=0, description="Minimum seconds between two PROGRESS updates of one task."
     )
+    task_always_eager: bool = Field(
+        False,
+        description="Debugging only: run tasks in the calling process (no worker; a worker "
+        "refuses to start with it).",
+    )
 
     # --- beat ---------------------------------------------------------------------------------
     schedule_refresh_market_data: str = Field(
@@ -108,7 +113,12 @@ class Settings(BaseSettings):
     twelvedata_api_key: str | None = Field(None, description="API key (from a Secret).")
     twelvedata_url: str = Field("https://api.twelvedata.com", description="API base URL.")
     provider_timeout: float = Field(30.0, gt=0, description="Seconds per provider request.")
-    provider_credits_per_minute: int = Field(8, ge=1, description="Provider rate limit.")
+    provider_credits_per_minute: int = Field(
+        8, ge=1, description="Provider credits per minute (TwelveData free tier: 8)."
+    )
+    provider_credits_per_day: int = Field(
+        800, ge=0, description="Provider credits per UTC day (free tier: 800); 0 = no cap."
+    )
     provider_batch_size: int = Field(8, ge=1, le=120, description="Symbols per request.")
     history_start: str = Field(
         "2018-01-01",
@@ -120,7 +130,13 @@ class Settings(BaseSettings):
         365, ge=1, description="Days of data cleanup keeps; smart refresh never fetches older."
     )
     refresh_chunk_size: int = Field(
-        25, ge=1, description="Symbols per chunk task; larger refreshes become a group."
+        25, ge=1, description="Symbols per chunk task (unlimited providers); larger -> a group."
+    )
+    refresh_task_seconds: int = Field(
+        600,
+        ge=1,
+        description="Seconds a quota-bound refresh runs before it continues as a new message "
+        "(keep it well under TASK_SOFT_TIME_LIMIT).",
     )
 
     # --- services -----------------------------------------------------------------------------

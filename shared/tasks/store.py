@@ -6,6 +6,7 @@ Every write is an upsert keyed on the natural key, so running a task twice leave
 from __future__ import annotations
 
 import datetime as dt
+import math
 import io
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -97,10 +98,13 @@ def newest_price_dates(session: Session, asset_ids: Sequence[int]) -> dict[int, 
 
 
 def upsert_prices(
-    session: Session, asset_ids: dict[str, int], bars: Sequence[Bar], source: str, min_price: float
+    session: Session, asset_ids: dict[str, int], bars: Sequence[Bar], source: str
 ) -> tuple[int, int]:
-    """Upsert bars (closes below min_price dropped). Returns (inserted, updated)."""
-    kept = [b for b in bars if b.symbol in asset_ids and b.close >= min_price]
+    """Upsert bars, invalid closes (<= 0, not finite) dropped; real low prices are kept:
+    `min_price` is an eligibility rule of the index, not a data filter. -> (inserted, updated)"""
+    kept = [
+        b for b in bars if b.symbol in asset_ids and b.close > 0 and math.isfinite(b.close)
+    ]
     if not kept:
         return 0, 0
     now = dt.datetime.now(dt.UTC)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select, update
 
-from tasks import background_tasks
+from tasks import background_tasks, store
 from tasks.celery_app import app
-from tasks.db import session_scope, upsert
+from tasks.db import session_scope
 from tasks.errors import InvalidStrategy, InvalidTaskArguments, NotEnoughData
-from tasks.models import Allocation, Asset, IndexValue, Price, StrategyConfig, TaskRun
+from tasks.market_data import Bar
+from tasks.models import Allocation, Asset, IndexValue, StrategyConfig, TaskRun
 
 DAYS = np.busday_offset("2024-01-01", np.arange(220), roll="forward").astype("datetime64[D]")
 SYMBOLS = ["AAPL", "MSFT", "GLD", "TLT"]
@@ -30,16 +31,16 @@ def random_closes(seed: int, rows: int = len(DAYS), assets: int = len(SYMBOLS)) 
 
 
 def store_prices(closes: dict[str, dict[int, float]]) -> None:
-    """Upsert {symbol: {row: close}} as the refresh would (NaN: no row)."""
+    """Upsert {symbol: {row: close}} through the refresh's own writer (NaN: no row)."""
     with session_scope() as session:
         ids = {s: i for s, i in session.execute(select(Asset.symbol, Asset.id))}
-        rows = [
-            {"asset_id": ids[symbol], "date": day(r), "close": float(c), "source": "test"}
+        bars = [
+            Bar(symbol, day(r), float(c))
             for symbol, series in closes.items()
             for r, c in series.items()
             if not np.isnan(c)
         ]
-        upsert(session, Price.__table__, rows, ["asset_id", "date"], ["close"])
+        store.upsert_prices(session, ids, bars, "test")
 
 
 def columns(closes: np.ndarray, rows: range, symbols: list[str] = SYMBOLS) -> dict:
@@ -137,7 +138,7 @@ def test_later_prices_change_no_published_value(clean_db: str) -> None:
 def test_a_crash_below_min_price_shows_in_the_index(clean_db: str) -> None:
     closes = np.full((40, 2), 10.0)
     closes[30:, 0] = 0.5  # AAPL falls below min_price (1.0 by default) on a rebalance date
-    store_prices(columns(closes, range(40), ["AAPL", "MSFT"]))
+    store_prices(columns(closes, range(40), ["AAPL", "MSFT"]))  # the refresh keeps low closes
     compute()
     values, weights = stored()
     # Held 50/50 from day 20; the fall is clipped to the -50 % daily floor: 0.5 x 0.5 + 0.5.

@@ -5,6 +5,7 @@ The test session's own server (REDIS_URL), each test on a key of its own.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import threading
 import time
@@ -49,6 +50,41 @@ def test_redis_limiter_grants_the_limit_then_says_how_long_to_wait(rds: redis.Re
     time.sleep(0.3)
     assert limiter.acquire(8) == 0.0  # the whole window is free again
     assert 0 < rds.pttl(limiter.key) <= 1000  # the log expires with the window
+
+
+def test_redis_limiter_caps_the_utc_day_across_clients(rds: redis.Redis) -> None:
+    key = new_key()
+    first = RedisRateLimiter(rds, key, limit=20, period=60.0, per_day=10)
+    second = RedisRateLimiter(
+        redis.Redis.from_url(REDIS_URL), key, limit=20, period=60.0, per_day=10
+    )
+    assert first.acquire(8) == 0.0
+    wait = second.acquire(3)  # 11 > 10 today, though the minute has credits left
+    now = dt.datetime.now(dt.UTC)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    assert wait == pytest.approx((midnight - now).total_seconds(), abs=2)
+    assert wait > first.period  # how the provider tells the day from the minute
+    assert second.acquire(2) == 0.0  # exactly the day's 10
+    assert first.acquire(1) > first.period
+    day_keys = list(rds.scan_iter(key + ":day:*"))
+    assert len(day_keys) == 1 and int(rds.get(day_keys[0]) or 0) == 10
+    assert 86400 * 1000 < rds.pttl(day_keys[0]) <= 2 * 86400 * 1000
+
+
+def test_a_provider_stops_at_the_days_cap_without_a_request(rds: redis.Redis) -> None:
+    from fake_twelvedata import FakeTwelveData
+    from tasks.market_data import DailyQuotaExhausted
+
+    fake = FakeTwelveData()
+    try:
+        limiter = RedisRateLimiter(rds, new_key(), limit=8, period=60.0, per_day=3)
+        provider = TwelveDataProvider("test-key", fake.url, limiter, timeout=5)
+        provider.fetch_daily(["A", "B"], dt.date(2024, 1, 1), dt.date(2024, 1, 5))
+        with pytest.raises(DailyQuotaExhausted, match="for the day"):
+            provider.fetch_daily(["C", "D"], dt.date(2024, 1, 1), dt.date(2024, 1, 5))
+        assert len(fake.requests) == 1  # the refused batch was never sent
+    finally:
+        fake.close()
 
 
 def test_redis_limiter_wait_is_for_enough_credits(rds: redis.Redis) -> None:

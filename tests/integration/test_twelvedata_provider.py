@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tasks.market_data import (
+    DailyQuotaExhausted,
     FetchResult,
     LocalRateLimiter,
     ProviderConfigError,
@@ -61,6 +62,7 @@ class Request:
     at: float
     path: str
     query: dict[str, str]
+    authorization: str | None = None
 
     @property
     def symbols(self) -> list[str]:
@@ -112,7 +114,8 @@ class FakeTwelveData:
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                fake.requests.append(Request(time.monotonic(), url.path, query))
+                auth = self.headers.get("Authorization")
+                fake.requests.append(Request(time.monotonic(), url.path, query, auth))
                 answer = fake.answers.pop(0) if fake.answers else Answer(body=fake.default)
                 time.sleep(answer.delay)
                 body = answer.body(query) if callable(answer.body) else answer.body
@@ -194,8 +197,8 @@ def test_symbols_are_batched_by_eight_with_key_and_dates(fake: FakeTwelveData) -
             "outputsize": "5000",
             "order": "ASC",
             "format": "JSON",
-            "apikey": KEY,
-        }
+        }  # no key in the URL: access logs never see it
+        assert request.authorization == f"apikey {KEY}"
     assert result.unknown == [] and result.invalid == {} and result.rows_dropped == 0
     assert len(result.bars) == 19 * 5
     first = result.bars[0]
@@ -355,17 +358,24 @@ def test_a_single_unknown_symbol_answered_at_top_level(fake: FakeTwelveData) -> 
 # --- errors --------------------------------------------------------------------------------
 
 
+def until_next_minute() -> float:
+    now = dt.datetime.now(dt.UTC)
+    return 61.0 - now.second - now.microsecond / 1e6
+
+
 @pytest.mark.parametrize(
     ("headers", "expected"),
-    [({"Retry-After": "17"}, 17.0), ({}, 60.0), ({"Retry-After": "x"}, 60.0)],
+    [({"Retry-After": "17"}, 17.0), ({}, None), ({"Retry-After": "x"}, None)],
 )
 def test_http_429_is_rate_limited_with_retry_after(
-    fake: FakeTwelveData, headers: dict[str, str], expected: float
+    fake: FakeTwelveData, headers: dict[str, str], expected: float | None
 ) -> None:
     fake.answer(429, {"status": "error", "code": 429, "message": "slow down"}, headers=headers)
     with pytest.raises(RateLimited) as caught:
         fetch(fake, ["AAPL"])
-    assert caught.value.retry_after == expected
+    # without a usable Retry-After: until TwelveData's next calendar minute (+1 s of skew)
+    wait = until_next_minute() if expected is None else expected
+    assert caught.value.retry_after == pytest.approx(wait, abs=1.0)
     assert isinstance(caught.value, TransientProviderError)
     assert_no_key(caught.value)
 
@@ -384,7 +394,21 @@ def test_code_429_in_the_body_is_rate_limited(fake: FakeTwelveData, symbols: lis
     fake.answer(body={"status": "error", "code": 429, "message": message})
     with pytest.raises(RateLimited) as caught:
         fetch(fake, symbols)
-    assert caught.value.retry_after == 60.0 and "run out of API credits" in str(caught.value)
+    assert caught.value.retry_after == pytest.approx(until_next_minute(), abs=1.0)
+    assert "run out of API credits" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [200, 429])
+def test_the_days_credits_used_up_is_not_a_minute_wait(fake: FakeTwelveData, status: int) -> None:
+    message = "You have run out of API credits for the day. 801 API credits were used"
+    fake.answer(status, {"status": "error", "code": 429, "message": message})
+    with pytest.raises(DailyQuotaExhausted) as caught:
+        fetch(fake, ["AAPL", "MSFT"])
+    assert not isinstance(caught.value, TransientProviderError)  # never retried
+    now = dt.datetime.now(dt.UTC)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    assert caught.value.retry_after == pytest.approx((midnight - now).total_seconds(), abs=2)
+    assert "for the day" in str(caught.value) and "credits return in" in str(caught.value)
 
 
 def test_code_429_for_one_symbol_of_a_batch_is_rate_limited(fake: FakeTwelveData) -> None:
@@ -479,7 +503,7 @@ def test_the_key_never_appears_in_errors_or_logs(
         failures.append(caught.value)
     for exc in failures:
         assert_no_key(exc)
-    assert "apikey=***" in caplog.text  # httpx's request line, masked
+    assert "GET http" in caplog.text and "apikey" not in caplog.text  # httpx's request lines
     assert KEY not in caplog.text
 
 

@@ -213,6 +213,21 @@ def test_local_limiter_has_the_same_contract() -> None:
     assert max_in_any_window(grants, 0.3 - 0.01) <= 4 and len(grants) >= 8
 
 
+def test_local_limiter_caps_the_day_and_waits_until_midnight_utc() -> None:
+    limiter = LocalRateLimiter(limit=20, period=60.0, per_day=10)
+    assert limiter.acquire(8) == 0.0
+    wait = limiter.acquire(3)  # 11 > 10 a day, though the minute has credits left
+    now = dt.datetime.now(dt.UTC)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+    assert wait == pytest.approx((midnight - now).total_seconds(), abs=2)
+    assert limiter.acquire(2) == 0.0  # exactly the day's 10
+
+
+def test_limiters_refuse_a_negative_day_cap() -> None:
+    with pytest.raises(ValueError, match="per_day"):
+        LocalRateLimiter(limit=8, per_day=-1)
+
+
 # --- get_provider --------------------------------------------------------------------------
 
 

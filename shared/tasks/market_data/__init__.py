@@ -1,11 +1,13 @@
 """Market-data providers: ``get_provider(settings, redis_client)`` returns the configured one.
 
 - ``synthetic`` (default): deterministic prices, no network (tests, benchmarks, local runs).
-- ``twelvedata``: the real API; credits shared by all workers through Redis.
+- ``twelvedata``: the real API; credits (per minute and per UTC day) shared by all workers
+  through Redis.
 
 Every provider answers ``fetch_daily(symbols, start, end) -> FetchResult`` in batches of at
 most ``provider.batch_size`` symbols, and raises ``TransientProviderError`` (retry with backoff;
-``RateLimited`` carries the countdown), or ``ProviderConfigError`` (do not retry).
+``RateLimited`` carries the wait for credits), ``DailyQuotaExhausted`` (stop until tomorrow)
+or ``ProviderConfigError`` (do not retry). ``plan.py`` plans a refresh.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from tasks.market_data.base import (
     Bar,
+    DailyQuotaExhausted,
     FetchResult,
     MarketDataProvider,
     ProviderConfigError,
@@ -31,6 +34,7 @@ from tasks.settings import Settings
 __all__ = [
     "SEED_ASSETS",
     "Bar",
+    "DailyQuotaExhausted",
     "FetchResult",
     "LocalRateLimiter",
     "MarketDataProvider",
@@ -70,11 +74,11 @@ def build_provider(settings: Settings, redis_client: Any = None) -> MarketDataPr
     api_key = settings.twelvedata_api_key
     if not api_key:
         raise ProviderConfigError("TWELVEDATA_API_KEY is required with the twelvedata provider")
-    credits = settings.provider_credits_per_minute
+    credits, per_day = settings.provider_credits_per_minute, settings.provider_credits_per_day
     limiter: RateLimiter = (
-        RedisRateLimiter(redis_client, limiter_key(api_key), credits, CREDIT_PERIOD)
+        RedisRateLimiter(redis_client, limiter_key(api_key), credits, CREDIT_PERIOD, per_day)
         if redis_client is not None
-        else LocalRateLimiter(credits, CREDIT_PERIOD)  # one process only: CLI, tests
+        else LocalRateLimiter(credits, CREDIT_PERIOD, per_day)  # one process only: CLI, tests
     )
     return TwelveDataProvider(
         api_key=api_key,

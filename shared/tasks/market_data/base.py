@@ -95,16 +95,31 @@ class RateLimited(TransientProviderError):
         return f"{self.args[0]} (retry after {self.retry_after:.1f}s)"
 
 
+class DailyQuotaExhausted(ProviderError):
+    """The day's credits are spent: stop and go on tomorrow (``retry_after`` s), never retry."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        retry_after = max(0.0, float(retry_after))
+        super().__init__(message, retry_after)
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        hours, rest = divmod(int(self.retry_after), 3600)
+        return f"{self.args[0]} (credits return in {hours}h{rest // 60:02d}m)"
+
+
 class ProviderConfigError(ProviderError):
     """A missing or refused API key, a bad URL: retrying cannot help."""
 
 
 @runtime_checkable
 class MarketDataProvider(Protocol):
-    """Fetches daily bars; declares how many symbols one request may carry."""
+    """Fetches daily bars; declares how many symbols one request may carry and its credits
+    per minute (None: unlimited)."""
 
     name: str
     batch_size: int
+    credits_per_minute: int | None
 
     def fetch_daily(self, symbols: Sequence[str], start: dt.date, end: dt.date) -> FetchResult:
         """Bars of ``symbols`` for every trading day in [start, end] (both included)."""

@@ -168,6 +168,7 @@ class SyntheticProvider:
     """
 
     name = "synthetic"
+    credits_per_minute: int | None = None  # no quota: a large refresh runs as chunk tasks
 
     def __init__(
         self,

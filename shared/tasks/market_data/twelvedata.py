@@ -1,10 +1,10 @@
 """The TwelveData ``time_series`` API over HTTP (httpx).
 
 One request carries up to ``batch_size`` symbols and costs one credit per symbol; the credits
-per minute are shared by every worker through a Redis limiter (``ratelimit.py``). Before each
-request the provider spends its credits: a short wait (<= ``max_wait``) is slept, a longer one
-raises ``RateLimited`` so the Celery task retries with that countdown instead of holding a
-worker slot.
+per minute and per UTC day are shared by every worker through a Redis limiter
+(``ratelimit.py``). Before each request the provider spends its credits: a short wait
+(<= ``max_wait``) is slept, a longer one raises ``RateLimited`` with the wait (the refresh task
+waits for it, see background_tasks.py); a wait for the next day raises ``DailyQuotaExhausted``.
 
 What comes back is validated field by field:
 - a row without a parseable date or a positive finite close is dropped (``rows_dropped``);
@@ -12,15 +12,17 @@ What comes back is validated field by field:
 - a symbol whose series has the wrong shape goes to ``invalid`` with the reason;
 - a symbol TwelveData does not know (code 404, or 400 "symbol not found") goes to ``unknown``;
   neither is retried;
-- HTTP 429 or code 429 -> ``RateLimited`` (Retry-After, else 60 s); HTTP 5xx, timeouts,
+- HTTP 429 or code 429 -> ``RateLimited`` (Retry-After, else until the next calendar minute,
+  TwelveData's unit), or ``DailyQuotaExhausted`` when the message says the day's credits are
+  gone (until the next UTC midnight); HTTP 5xx, timeouts,
   connection errors, a non-JSON answer -> ``TransientProviderError``; HTTP 401/403 or code
   401 -> ``ProviderConfigError``.
 
 TwelveData's ``end_date`` is exclusive for daily bars (asking up to 2020-05-06 ends on
 05-05), so the request asks for ``end + 1 day`` and keeps rows within [start, end].
 
-The API key travels as the ``apikey`` query parameter; it is masked in every exception text
-and in httpx's request log line.
+The API key travels in the ``Authorization: apikey <key>`` header, never in the URL (so it
+never reaches an access log); it is still masked in every exception text and log line.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import redis
 
 from tasks.market_data.base import (
     Bar,
+    DailyQuotaExhausted,
     FetchResult,
     ProviderConfigError,
     ProviderError,
@@ -51,7 +54,7 @@ from tasks.market_data.ratelimit import LocalRateLimiter, RateLimiter
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "https://api.twelvedata.com"
-DEFAULT_RETRY_AFTER = 60.0  # TwelveData's credits refill every minute
+DEFAULT_RETRY_AFTER = 60.0  # an HTTP 429 without Retry-After nor a TwelveData message
 MAX_OUTPUT = 5000  # rows per request
 MAX_WINDOW_DAYS = 6900  # calendar days per request: < 5000 business days
 # Yahoo-style names of the seed universe that TwelveData spells differently.
@@ -60,6 +63,7 @@ DEFAULT_SYMBOL_MAP: Mapping[str, str] = {"^GSPC": "SPX"}
 _APIKEY_RE = re.compile(r"(apikey=)[^&\s'\"]+", re.IGNORECASE)
 _NOT_FOUND_RE = re.compile(r"not found|invalid symbol|symbol .*(?:incorrect|not valid)", re.I)
 _NO_DATA_RE = re.compile(r"no data is available", re.I)
+_DAY_RE = re.compile(r"for the day|daily limit|per day", re.I)  # vs "for the current minute"
 
 
 def redact(text: str, secret: str | None = None) -> str:
@@ -109,8 +113,13 @@ class TwelveDataProvider:
         self._client = httpx.Client(
             base_url=base_url.rstrip("/"),
             timeout=timeout,
-            headers={"Accept": "application/json", "User-Agent": "waardhaven-tasks"},
+            headers={
+                "Accept": "application/json",
+                "User-Agent": "waardhaven-tasks",
+                "Authorization": f"apikey {api_key}",
+            },
         )
+        self.credits_per_minute: int | None = self._limiter.limit
 
     def close(self) -> None:
         self._client.close()
@@ -149,7 +158,7 @@ class TwelveDataProvider:
         return result
 
     def _spend(self, credits: int) -> None:
-        """Spend credits: sleep short waits, hand long ones to the task as a retry countdown."""
+        """Spend credits: sleep short waits, hand longer ones to the task (``RateLimited``)."""
         deadline = time.monotonic() + self.max_wait
         while True:
             try:
@@ -160,6 +169,12 @@ class TwelveDataProvider:
                 ) from None
             if wait <= 0:
                 return
+            if wait > self._limiter.period:  # only the day's cap waits longer than a period
+                raise DailyQuotaExhausted(
+                    f"TwelveData credits for the day used up ({self._limiter.per_day} per UTC "
+                    "day, shared by all workers)",
+                    retry_after=wait,
+                )
             if time.monotonic() + wait > deadline:
                 raise RateLimited(
                     f"TwelveData credits used up ({self._limiter.limit} per "
@@ -177,7 +192,6 @@ class TwelveDataProvider:
             "outputsize": MAX_OUTPUT,
             "order": "ASC",
             "format": "JSON",
-            "apikey": self._api_key,
         }
         try:
             response = self._client.get("/time_series", params=params)
@@ -193,6 +207,12 @@ class TwelveDataProvider:
             ) from None
         status = response.status_code
         if status == 429:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and _is_error(body):
+                _raise_rate_limited(body, self._api_key, _retry_after(response, None))
             raise RateLimited("TwelveData answered HTTP 429", _retry_after(response))
         if status in (401, 403):
             raise ProviderConfigError(f"TwelveData refused the API key (HTTP {status})")
@@ -332,10 +352,25 @@ def _message(payload: dict[str, Any], secret: str) -> str:
     return redact(str(payload.get("message") or ""), secret)[:200]
 
 
+def _raise_rate_limited(payload: dict[str, Any], secret: str, retry_after: float | None) -> None:
+    """TwelveData's "run out of API credits": for the current minute, or for the day."""
+    message = _message(payload, secret)
+    now = dt.datetime.now(dt.UTC)
+    if _DAY_RE.search(message):
+        midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+        raise DailyQuotaExhausted(
+            f"TwelveData credits for the day used up: {message}",
+            retry_after if retry_after is not None else (midnight - now).total_seconds(),
+        )
+    if retry_after is None:  # credits come back with the next calendar minute (+1 s of skew)
+        retry_after = 61.0 - now.second - now.microsecond / 1e6
+    raise RateLimited(f"TwelveData answered code 429: {message}", retry_after)
+
+
 def _raise_for_request_error(payload: dict[str, Any], secret: str) -> None:
     code, message = _code(payload), _message(payload, secret)
     if code == 429:
-        raise RateLimited(f"TwelveData answered code 429: {message}", DEFAULT_RETRY_AFTER)
+        _raise_rate_limited(payload, secret, None)
     if code in (401, 403):
         raise ProviderConfigError(f"TwelveData refused the request (code {code})")
     if code is None or code >= 500:
@@ -346,7 +381,7 @@ def _symbol_error(payload: dict[str, Any], secret: str) -> str | None:
     """A per-symbol error: raise, or 'unknown', or an invalid reason, or None (no data)."""
     code, message = _code(payload), _message(payload, secret)
     if code == 429:
-        raise RateLimited(f"TwelveData answered code 429: {message}", DEFAULT_RETRY_AFTER)
+        _raise_rate_limited(payload, secret, None)
     if code == 401:
         raise ProviderConfigError("TwelveData refused the API key (code 401)")
     if code is not None and code >= 500:
@@ -406,11 +441,11 @@ def _bar(symbol: str, row: Any) -> Bar | str:
     )
 
 
-def _retry_after(response: httpx.Response) -> float:
-    """Retry-After as seconds (a number or an HTTP date); 60 when absent or unreadable."""
+def _retry_after(response: httpx.Response, default: Any = DEFAULT_RETRY_AFTER) -> Any:
+    """Retry-After as seconds (a number or an HTTP date); ``default`` when absent or bad."""
     value = response.headers.get("Retry-After")
     if value is None:
-        return DEFAULT_RETRY_AFTER
+        return default
     try:
         return max(1.0, float(value))
     except ValueError:
@@ -418,7 +453,7 @@ def _retry_after(response: httpx.Response) -> float:
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        return DEFAULT_RETRY_AFTER
+        return default
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return max(1.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
