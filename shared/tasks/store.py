@@ -6,8 +6,8 @@ Every write is an upsert keyed on the natural key, so running a task twice leave
 from __future__ import annotations
 
 import datetime as dt
-import math
 import io
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -102,9 +102,7 @@ def upsert_prices(
 ) -> tuple[int, int]:
     """Upsert bars, invalid closes (<= 0, not finite) dropped; real low prices are kept:
     `min_price` is an eligibility rule of the index, not a data filter. -> (inserted, updated)"""
-    kept = [
-        b for b in bars if b.symbol in asset_ids and b.close > 0 and math.isfinite(b.close)
-    ]
+    kept = [b for b in bars if b.symbol in asset_ids and b.close > 0 and math.isfinite(b.close)]
     if not kept:
         return 0, 0
     now = dt.datetime.now(dt.UTC)
