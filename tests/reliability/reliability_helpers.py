@@ -347,6 +347,10 @@ class PostgresCluster:
         )  # fmt: skip
         return self
 
+    def running(self) -> bool:
+        status = [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "status"]
+        return self._run(status, check=False).returncode == 0
+
     def stop(self, mode: str = "fast") -> None:
         self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
 
