@@ -185,6 +185,7 @@ def test_twenty_thousand_tasks_all_accounted_for_through_a_worker_low_sigkill(
             with app.producer_or_acquire() as producer:
                 for task_id, name, args, queue in jobs:
                     app.send_task(name, args=args, task_id=task_id, queue=queue, producer=producer)
+                    published.append(task_id)
 
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
