@@ -72,7 +72,7 @@ def render(
         lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(rule) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(heads)]
 
     def line(values: list[str]) -> str:
         return "  ".join(
