@@ -11,6 +11,8 @@ import datetime as dt
 import functools
 import io
 import json
+import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tasks.settings import get_settings
 
+logger = logging.getLogger(__name__)
+
 UPSERT_BATCH = 2000
 # From this many rows an upsert on PostgreSQL goes through COPY and a temporary table.
 COPY_MIN_ROWS = 500
@@ -29,7 +33,51 @@ COPY_MIN_ROWS = 500
 COPY_CHUNK = 50_000
 
 
-def make_engine(url: str, pool_size: int = 5) -> Engine:
+# libpq's words for "no server there now" (a restart, a failover): a connection is tried again.
+# Anything else (a wrong password, a missing database) fails at once.
+SERVER_AWAY = (
+    "connection refused",
+    "could not connect",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is not yet accepting connections",
+    "the database system is in recovery mode",
+    "server closed the connection unexpectedly",
+    "timeout expired",
+)
+CONNECT_TIMEOUT = 10  # seconds per connection attempt (an unreachable host during a failover)
+
+
+def _wait_for_server(engine: Engine, wait: float) -> None:
+    """New connections of `engine` keep trying for `wait` seconds while PostgreSQL is away.
+
+    A task that meets a restart or failover then waits here on its next connection instead of
+    burning its retries (whose full jitter may be 0 s each): every run of it waits at least
+    `wait` seconds for the server, so MAX_RETRIES runs ride out MAX_RETRIES x `wait` seconds.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        cparams.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        deadline = time.monotonic() + wait
+        delay = 0.5
+        while True:
+            try:
+                return dialect.loaded_dbapi.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not any(w in str(exc).lower() for w in SERVER_AWAY):
+                    raise
+                pause = min(delay, remaining)
+                reason = " ".join(str(exc).split())
+                logger.warning(
+                    "PostgreSQL unavailable (%s); connecting again in %.1fs", reason, pause
+                )
+                time.sleep(pause)
+                delay = min(delay * 2, 5.0)
+
+
+def make_engine(url: str, pool_size: int = 5, reconnect_wait: float = 0.0) -> Engine:
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
@@ -46,13 +94,18 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
 
         return engine
     # pre_ping: a connection dropped by a PostgreSQL restart is replaced, not handed to a task.
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    if reconnect_wait > 0 and engine.dialect.driver == "psycopg2":
+        _wait_for_server(engine, reconnect_wait)
+    return engine
 
 
 @functools.cache
 def get_engine() -> Engine:
     settings = get_settings()
-    return make_engine(settings.database_url, settings.database_pool_size)
+    return make_engine(
+        settings.database_url, settings.database_pool_size, settings.database_reconnect_wait
+    )
 
 
 @functools.cache

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL: postgresql+psycopg2://... in production, SQLite locally.",
     )
     database_pool_size: int = Field(5, ge=1, le=100, description="SQLAlchemy pool size.")
+    database_reconnect_wait: float = Field(
+        30.0, ge=0, description="Seconds a new connection waits for PostgreSQL to come back."
+    )
 
     # --- Celery (DESIGN.md section 3; the seed's values are the floor) ------------------------
     task_soft_time_limit: int = Field(1500, ge=1, description="Soft time limit, seconds.")

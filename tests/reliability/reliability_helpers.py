@@ -1,9 +1,10 @@
 """Shared pieces of the fault-injection scenarios: figures, effects, processes, servers.
 
-Every scenario ends with `record(...)`: its figures go to the JSON file named by CHAOS_RESULTS
-(default: waardhaven-chaos-results.json in the temp dir), which `scripts/chaos.py` prints as
-one table. The effects of the test-only tasks (tests/support/chaos_tasks.py) live in two
-tables of the database the workers use, created here.
+Every scenario runs inside `Scenario(...)`: its figures, measured from state when it ends
+(also when it fails), go to the JSON file named by CHAOS_RESULTS (default:
+waardhaven-chaos-results.json in the temp dir), which `scripts/chaos.py` prints as tables.
+The effects of the test-only tasks (tests/support/chaos_tasks.py) live in two tables of the
+database the workers use, created here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scenarios import SCENARIOS, SECURITY
 from sqlalchemy import Engine, create_engine, text
 
 from conftest import REPO, free_port
@@ -44,9 +46,20 @@ SHORT_LIMITS = {
 # kombu's sweep for messages past the visibility timeout runs every 10 s
 # (`unacked_restore_interval`, with `unacked_restore_throttle` = 1 in tasks.celery_app).
 RESTORE_SWEEP = 10
+QUEUES = ("high_priority", "low_priority", "default")
 
 
 # --- figures --------------------------------------------------------------------------------
+#
+# One row per scenario, measured from state (PostgreSQL, Redis, the results) in the test's
+# teardown, so a failing test still writes its row (with passed = false and the error):
+#   sent        tasks (messages) the scenario sent
+#   completed   finished as expected (succeeded, or failed on purpose: poison, bad input)
+#   reran       tasks that ran more than once (attempt counters: redeliveries, retries)
+#   duplicated  effects applied more than once (two runs both committed)
+#   lost        sent, not completed, and nowhere any more (not queued, not unacknowledged)
+#   unfinished  not completed when the scenario ended but still in Redis (would run later)
+#   recover_s   seconds from the fault until the work it affected was done again
 
 
 def results_path() -> Path:
@@ -56,37 +69,89 @@ def results_path() -> Path:
     )
 
 
-def record(
-    scenario: str,
-    *,
-    sent: int,
-    completed: int,
-    duplicated: int,
-    lost: int,
-    recover_s: float | None,
-    **details: Any,
-) -> None:
-    """Add (or replace) one scenario's figures in the results file; also print them."""
-    row = {
-        "scenario": scenario,
-        "sent": sent,
-        "completed": completed,
-        "duplicated": duplicated,
-        "lost": lost,
-        "recover_s": None if recover_s is None else round(recover_s, 1),
-        **details,
-    }
-    print(f"\nCHAOS {json.dumps(row)}")
+def _store(section: str, key: str, row: dict[str, Any]) -> None:
+    """Add (or replace) one row of the results file (safe against concurrent writers)."""
+    print(f"\nCHAOS {section} {json.dumps(row)}")
     path = results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            rows = json.loads(path.read_text()) if path.exists() else {}
+            results = json.loads(path.read_text()) if path.exists() else {}
         except ValueError:
-            rows = {}
-        rows[scenario] = row
-        path.write_text(json.dumps(rows, indent=2))
+            results = {}
+        results.setdefault(section, {})[key] = row
+        path.write_text(json.dumps(results, indent=2))
+
+
+def _error_line(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+class Scenario:
+    """Context manager around a scenario: its row is written on the way out, pass or fail.
+
+    The test sets `measure` (a function returning sent/completed/reran/duplicated/lost/
+    unfinished from state) as soon as it has sent its work, `fault_at` (epoch seconds) when it
+    injects the fault, and `recovered` (a function returning the epoch seconds when the work
+    the fault affected was done again, None if it never was): recover_s = recovered - fault_at,
+    the one meaning of "recover" in the table. `details` holds anything else worth printing;
+    `differs` names the settings that are not the production ones, and why.
+    """
+
+    def __init__(self, name: str, differs: str = "") -> None:
+        assert name in SCENARIOS, f"{name!r} is not in tests/reliability/scenarios.py"
+        self.name = name
+        self.differs = differs
+        self.measure: Callable[[], dict[str, int]] | None = None
+        self.recovered: Callable[[], float | None] | None = None
+        self.fault_at: float | None = None
+        self.details: dict[str, Any] = {}
+
+    def __enter__(self) -> Scenario:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        row: dict[str, Any] = {"scenario": self.name, "differs": self.differs or None}
+        try:
+            row.update(self.measure() if self.measure else {})
+        except Exception as err:  # the row says so instead of vanishing
+            row["measure_error"] = _error_line(err)
+        recover = None
+        try:
+            done = self.recovered() if self.recovered else None
+            if done is not None and self.fault_at is not None:
+                recover = round(done - self.fault_at, 1)
+        except Exception as err:
+            row["recover_error"] = _error_line(err)
+        row["recover_s"] = recover
+        row["passed"] = exc is None
+        if exc is not None:
+            row["error"] = _error_line(exc)
+        row.update(self.details)
+        _store("scenarios", self.name, row)
+
+
+def record_security(group: str, check: str, tried: str, expected: Any, seen: Any) -> None:
+    """One row of the security table: what was tried, the answer expected and the one seen."""
+    assert group in SECURITY, f"{group!r} is not in tests/reliability/scenarios.py"
+    row = {"group": group, "check": check, "tried": tried, "expected": expected, "seen": seen}
+    row["ok"] = expected == seen
+    _store("security", f"{group}: {check}", row)
+
+
+def redis_leftovers(client: Any, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """task id -> 1 for every task message still in Redis: queued, or unacknowledged."""
+    ids: dict[str, int] = {}
+    for queue in queues:
+        for raw in client.lrange(queue, 0, -1):
+            ids[json.loads(raw)["headers"]["id"]] = 1
+    for raw in client.hvals("unacked"):
+        ids[json.loads(raw)[0]["headers"]["id"]] = 1
+    return ids
 
 
 def wait_until(
@@ -146,16 +211,28 @@ class Effects:
     def attempt_counts(self) -> Counter[str]:
         return Counter(k for k, _, _ in self.attempts())
 
-    def figures(self, keys: list[str]) -> dict[str, int]:
-        """sent / completed / duplicated / lost of chaos.write tasks over `keys`."""
+    def figures(self, keys: list[str], redis_client: Any) -> dict[str, int]:
+        """The row's counts for chaos.write tasks sent with task id = key (`send_write`)."""
         effects = self.effects()
+        attempts = self.attempt_counts()
         done = [k for k in keys if k in effects]
+        waiting = redis_leftovers(redis_client)
+        unfinished = sum(1 for k in keys if k not in effects and k in waiting)
         return {
             "sent": len(keys),
             "completed": len(done),
+            "reran": sum(1 for k in keys if attempts[k] > 1),
             "duplicated": sum(1 for k in done if effects[k][0] > 1),
-            "lost": len(keys) - len(done),
+            "lost": len(keys) - len(done) - unfinished,
+            "unfinished": unfinished,
         }
+
+    def done_at(self, keys: Any) -> float | None:
+        """When the last of `keys` committed its effect (None while one is missing)."""
+        effects = self.effects()
+        if not all(k in effects for k in keys):
+            return None
+        return max((effects[k][2] for k in keys), default=None)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -193,6 +270,11 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal a whole process group (a pod's container: main process and its children)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
+
+
+def send_write(client: Any, key: str, seconds: float = 0.0, queue: str = "default") -> Any:
+    """Send chaos.write(key) with task id = key, so Redis leftovers map back to keys."""
+    return client.send_task("chaos.write", args=[key, seconds], task_id=key, queue=queue)
 
 
 @functools.cache
@@ -264,6 +346,10 @@ class PostgresCluster:
              options, "start"]
         )  # fmt: skip
         return self
+
+    def running(self) -> bool:
+        status = [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "status"]
+        return self._run(status, check=False).returncode == 0
 
     def stop(self, mode: str = "fast") -> None:
         self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])

@@ -28,7 +28,7 @@ from reliability_helpers import (
     SHORT_LIMITS,
     VISIBILITY_TIMEOUT,
     Effects,
-    record,
+    Scenario,
     wait_until,
 )
 from sentinel_tasks import TICK
@@ -37,6 +37,10 @@ from sqlalchemy import text
 HERE = Path(__file__).resolve().parent
 QUEUED = 1000
 SCENARIO = "Redis Sentinel: master SIGKILL, replica promoted"
+DIFFERS = (
+    "VISIBILITY_TIMEOUT 10 s, time limits 6/8 s (production 7200 s, 1500/1800 s): redeliveries"
+    " within the test; BEAT_LOCK_TIMEOUT 5 s (production 60 s)"
+)
 
 
 @pytest.fixture
@@ -136,111 +140,113 @@ def test_master_sigkill_sentinel_promotes_and_everyone_goes_on(
         + ",sentinel_tasks",
         "PYTHONPATH": f"{CHAOS_TASKS['PYTHONPATH']}{os.pathsep}{HERE}",
     }
-    kubelet = Kubelet(
-        lambda: start_service(
-            "worker-high", WORKER_QUEUES="high_priority,default", WORKER_CONCURRENCY="3", **env
+    # The row is written on the way out, pass or fail (reliability_helpers.Scenario).
+    with Scenario(SCENARIO, differs=DIFFERS) as row:
+        kubelet = Kubelet(
+            lambda: start_service(
+                "worker-high", WORKER_QUEUES="high_priority,default", WORKER_CONCURRENCY="3", **env
+            )
         )
-    )
-    kubelet.worker.wait_ready()
-    first_worker = kubelet.worker
-    kubelet.start()
-    beat = start_service("beat", BEAT_LOCK_TIMEOUT="5", **env)
-    client = create_app(settings)
-    limiter = RedisRateLimiter(redis_conn.client(settings), "sentinel-test-limit", 1000, 60.0)
-    assert limiter.acquire() == 0.0
-    wait_until(lambda: len(beat_ticks(effects)) >= 2, 40, 0.2, "beat's first ticks")
+        kubelet.worker.wait_ready()
+        first_worker = kubelet.worker
+        kubelet.start()
+        beat = start_service("beat", BEAT_LOCK_TIMEOUT="5", **env)
+        client = create_app(settings)
+        limiter = RedisRateLimiter(redis_conn.client(settings), "sentinel-test-limit", 1000, 60.0)
+        assert limiter.acquire() == 0.0
+        wait_until(lambda: len(beat_ticks(effects)) >= 2, 40, 0.2, "beat's first ticks")
 
-    queued = [f"queued-{i}" for i in range(QUEUED)]
-    for key in queued:  # on a queue no worker consumes yet
-        client.send_task("chaos.write", args=[key, 0], queue="low_priority", ignore_result=True)
-    running = ["running-0", "running-1"]
-    for key in running:  # running on the worker when the master dies
-        client.send_task("chaos.write", args=[key, 3], queue="default", ignore_result=True)
-    producer = Producer(client)
-    producer.start()
-    wait_until(lambda: {"running-0", "running-1"} <= set(effects.attempt_counts()), 30)
+        queued = [f"queued-{i}" for i in range(QUEUED)]
+        for key in queued:  # on a queue no worker consumes yet
+            client.send_task("chaos.write", args=[key, 0], queue="low_priority", ignore_result=True)
+        running = ["running-0", "running-1"]
+        for key in running:  # running on the worker when the master dies
+            client.send_task("chaos.write", args=[key, 3], queue="default", ignore_result=True)
+        producer = Producer(client)
+        producer.start()
+        wait_until(lambda: {"running-0", "running-1"} <= set(effects.attempt_counts()), 30)
 
-    figures: dict[str, Any] = {"sent": 0, "completed": 0, "duplicated": 0, "lost": 0}
-    details: dict[str, Any] = {}
-    resumed: float | None = None
-    try:
-        old = cluster.master_port()
-        assert old is not None
-        offsets = cluster.replication_offsets()
-        # Read one after the other: a replica may already be past the master's figure (0).
-        details["replica_lag_bytes_at_kill"] = max(
-            0, *(offsets[old] - (v or 0) for p, v in offsets.items() if p != old)
-        )
-        cluster.kill(old)
-        killed = time.time()
-        wait_until(lambda: cluster.master_port() not in (None, old), 60, 0.1, "a new master")
-        details["promoted_s"] = round(time.time() - killed, 1)
+        figures: dict[str, Any] = {"sent": 0, "completed": 0, "duplicated": 0, "lost": 0}
+        details: dict[str, Any] = {}
+        resumed: float | None = None
+        try:
+            old = cluster.master_port()
+            assert old is not None
+            offsets = cluster.replication_offsets()
+            # Read one after the other: a replica may already be past the master's figure (0).
+            details["replica_lag_bytes_at_kill"] = max(
+                0, *(offsets[old] - (v or 0) for p, v in offsets.items() if p != old)
+            )
+            cluster.kill(old)
+            killed = time.time()
+            row.fault_at = killed
+            wait_until(lambda: cluster.master_port() not in (None, old), 60, 0.1, "a new master")
+            details["promoted_s"] = round(time.time() - killed, 1)
 
-        # Work resumes by itself: a task sent after the kill is done.
-        def first_after_kill() -> float | None:
-            done = effects.effects()
-            times = [done[k][2] for k, t in list(producer.sent.items()) if t > killed and k in done]
-            return min(times) if times else None
+            # Work resumes by itself: a task sent after the kill is done.
+            def first_after_kill() -> float | None:
+                done = effects.effects()
+                times = [
+                    done[k][2] for k, t in list(producer.sent.items()) if t > killed and k in done
+                ]
+                return min(times) if times else None
 
-        resumed = wait_until(first_after_kill, 60, 0.2, "a task sent after the kill to be done")
-        # The result backend (its subscriptions and reads) follows the new master.
-        assert client.send_task("ping").get(timeout=60) == "pong"
-        # The rate limiter's client, made before the failover, follows the new master.
-        details["rate_limiter_after_failover"] = limiter.acquire()
-        # Beat sends again by itself.
-        wait_until(
-            lambda: any(t > killed for t in beat_ticks(effects).values()), 60, 0.2, "beat ticks"
-        )
-        time.sleep(4 * TICK)  # beat and the producer keep going on the new master
-        producer.halt.set()
-        producer.join(30)
+            resumed = wait_until(first_after_kill, 60, 0.2, "a task sent after the kill to be done")
+            # The result backend (its subscriptions and reads) follows the new master.
+            assert client.send_task("ping").get(timeout=60) == "pong"
+            # The rate limiter's client, made before the failover, follows the new master.
+            details["rate_limiter_after_failover"] = limiter.acquire()
+            # Beat sends again by itself.
+            wait_until(
+                lambda: any(t > killed for t in beat_ticks(effects).values()), 60, 0.2, "beat ticks"
+            )
+            time.sleep(4 * TICK)  # beat and the producer keep going on the new master
+            producer.halt.set()
+            producer.join(30)
 
-        # The queue that waited through the failover is drained by a worker started now.
-        start_service("worker-low", WORKER_QUEUES="low_priority", WORKER_CONCURRENCY="4", **env)
-        sent = queued + running + list(producer.sent)
-        wait_until(
-            lambda: set(sent) <= set(effects.effects()),
-            90 + VISIBILITY_TIMEOUT + RESTORE_SWEEP,
-            0.5,
-            "every task's effect",
-        )
-    finally:
-        producer.halt.set()
-        kubelet.halt.set()
-        sent = queued + running + list(producer.sent)
-        figures = effects.figures(sent)
-        attempts = effects.attempt_counts()
-        ticks = sorted(beat_ticks(effects).values())
-        gaps = [b - a for a, b in itertools.pairwise(ticks)]
-        details.update(
-            refused_sends=len(producer.refused),
-            worker_restarts=len(kubelet.restarts),
-            redelivered=sum(1 for k in sent if attempts[k] > 1),
-            beat_ticks=len(ticks),
-            beat_ticks_twice=sum(1 for g in gaps if g < TICK / 2),
-            beat_longest_gap_s=round(max(gaps, default=0.0), 1),
-        )
-        record(
-            SCENARIO,
-            **figures,
-            recover_s=None if resumed is None else resumed - killed,
-            **details,
-        )
+            # The queue that waited through the failover is drained by a worker started now.
+            start_service("worker-low", WORKER_QUEUES="low_priority", WORKER_CONCURRENCY="4", **env)
+            sent = queued + running + list(producer.sent)
+            wait_until(
+                lambda: set(sent) <= set(effects.effects()),
+                90 + VISIBILITY_TIMEOUT + RESTORE_SWEEP,
+                0.5,
+                "every task's effect",
+            )
+        finally:
+            producer.halt.set()
+            kubelet.halt.set()
+            sent = queued + running + list(producer.sent)
+            figures = effects.figures(sent, redis_conn.client(settings))
+            attempts = effects.attempt_counts()
+            ticks = sorted(beat_ticks(effects).values())
+            gaps = [b - a for a, b in itertools.pairwise(ticks)]
+            details.update(
+                refused_sends=len(producer.refused),
+                worker_restarts=len(kubelet.restarts),
+                redelivered=sum(1 for k in sent if attempts[k] > 1),
+                beat_ticks=len(ticks),
+                beat_ticks_twice=sum(1 for g in gaps if g < TICK / 2),
+                beat_longest_gap_s=round(max(gaps, default=0.0), 1),
+            )
+            row.measure = lambda: figures
+            row.recovered = lambda: resumed
+            row.details.update(details)
 
-    assert figures["lost"] == 0 and figures["duplicated"] == 0, figures
-    assert all(attempts[k] == 1 for k in queued), "a queued task ran twice"
-    assert details["rate_limiter_after_failover"] == 0.0
-    # Beat: no slot sent twice, none skipped except while no master took writes.
-    assert details["beat_ticks_twice"] == 0, ticks
-    outage = [g for a, g in zip(ticks, gaps, strict=False) if a < killed < a + g]
-    # RedBeat counts an interval from the last send: a gap is TICK plus up to one beat loop
-    # (1 s here); a skipped slot makes it 2 * TICK or more.
-    assert all(g <= TICK + 2 for g in gaps if g not in outage), gaps
-    assert all(g <= details["promoted_s"] + TICK + 10 for g in outage), (outage, details)
-    # Beat went on by itself. The worker did too unless kombu's reconnect cleanup ended it
-    # (docs/sentinel.md, "Limits"): then the restart is in the figures and printed here.
-    assert beat.proc.poll() is None
-    if kubelet.restarts:
-        print(f"\nworker restarted {len(kubelet.restarts)}x: {kubelet.restarts}")
-    else:
-        assert first_worker.proc.poll() is None
+        assert figures["lost"] == 0 and figures["duplicated"] == 0, figures
+        assert all(attempts[k] == 1 for k in queued), "a queued task ran twice"
+        assert details["rate_limiter_after_failover"] == 0.0
+        # Beat: no slot sent twice, none skipped except while no master took writes.
+        assert details["beat_ticks_twice"] == 0, ticks
+        outage = [g for a, g in zip(ticks, gaps, strict=False) if a < killed < a + g]
+        # RedBeat counts an interval from the last send: a gap is TICK plus up to one beat loop
+        # (1 s here); a skipped slot makes it 2 * TICK or more.
+        assert all(g <= TICK + 2 for g in gaps if g not in outage), gaps
+        assert all(g <= details["promoted_s"] + TICK + 10 for g in outage), (outage, details)
+        # Beat went on by itself. The worker did too unless kombu's reconnect cleanup ended it
+        # (docs/sentinel.md, "Limits"): then the restart is in the figures and printed here.
+        assert beat.proc.poll() is None
+        if kubelet.restarts:
+            print(f"\nworker restarted {len(kubelet.restarts)}x: {kubelet.restarts}")
+        else:
+            assert first_worker.proc.poll() is None
