@@ -1,11 +1,13 @@
 """Start Flower with its basic auth on every path: `python guard.py <celery args>`.
 
-Flower 2.2 checks FLOWER_BASIC_AUTH only in its page and API handlers: /metrics, /healthcheck,
-/static/*, /login and the 404 page answer anyone. Behind an Ingress or HTTPRoute that exposes
-the whole url_prefix, that is an open door whatever the controller. Here every handler class of
-Flower's URL table (flower.urls.handlers, read when the app is built) gets a prepare() that
-answers 401 unless the request carries one of the configured user:password pairs, so the
-guarantee does not depend on the ingress controller. Probes and Prometheus authenticate too.
+Flower 2.2 checks FLOWER_BASIC_AUTH only inside its page and API handlers: /metrics,
+/healthcheck, /static/*, /login and the 404 page answer anyone. Behind an Ingress or HTTPRoute
+that sends the whole url_prefix to Flower, that is an open door whatever the controller. Here
+the application's router (Tornado's Application.find_handler, through which every request
+passes) answers 401 before any handler runs unless the request carries one of the configured
+user:password pairs, so the guarantee does not depend on the ingress controller. Probes
+authenticate too. tests/chart/test_chart_processes.py requests every route of Flower's URL
+table against a running Flower, with and without credentials.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ import sys
 from base64 import b64decode
 from typing import Any
 
-from flower import urls
-from tornado.web import RequestHandler, URLSpec
-
-_guarded: dict[type, type] = {}
+from flower.app import Flower
+from tornado.web import RequestHandler
 
 
 def authorized(header: str, allowed: list[str]) -> bool:
@@ -32,34 +32,24 @@ def authorized(header: str, allowed: list[str]) -> bool:
     return any(hmac.compare_digest(given, pair) for pair in allowed)
 
 
-def guard(handler: type[RequestHandler]) -> type[RequestHandler]:
-    if handler not in _guarded:
-
-        class Guarded(handler):  # type: ignore[misc, valid-type]
-            def prepare(self) -> Any:
-                # No basic_auth configured: nobody gets in (fail closed).
-                allowed = self.application.options.basic_auth or []
-                if not authorized(self.request.headers.get("Authorization", ""), allowed):
-                    self.set_status(401)
-                    self.set_header("WWW-Authenticate", 'Basic realm="flower"')
-                    self.finish("Access denied")
-                    return None
-                return super().prepare()
-
-        Guarded.__name__ = Guarded.__qualname__ = f"Guarded{handler.__name__}"
-        _guarded[handler] = Guarded
-    return _guarded[handler]
+class Unauthorized(RequestHandler):
+    def prepare(self) -> None:
+        self.set_status(401)
+        self.set_header("WWW-Authenticate", 'Basic realm="flower"')
+        self.finish("Access denied")
 
 
 def install() -> None:
-    """Wrap every handler of Flower's URL table in place (the app reads the list at start)."""
-    for i, entry in enumerate(urls.handlers):
-        if isinstance(entry, URLSpec):
-            entry.handler_class = guard(entry.handler_class)
-        elif isinstance(entry, tuple) and isinstance(entry[1], type):
-            urls.handlers[i] = (entry[0], guard(entry[1]), *entry[2:])
-        else:
-            raise SystemExit(f"flower guard: unexpected entry in flower.urls.handlers: {entry!r}")
+    route = Flower.find_handler
+
+    def find_handler(self: Flower, request: Any, **kwargs: Any) -> Any:
+        # No basic_auth configured: nobody gets in (fail closed).
+        allowed = self.options.basic_auth or []
+        if not authorized(request.headers.get("Authorization", ""), allowed):
+            return self.get_handler_delegate(request, Unauthorized)
+        return route(self, request, **kwargs)
+
+    Flower.find_handler = find_handler  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":
