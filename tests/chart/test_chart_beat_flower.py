@@ -64,7 +64,6 @@ class TestFlowerIngress:
         ]
         assert ingress["spec"]["rules"][0]["host"] == "flower.example.com"
         annotations = ingress["metadata"]["annotations"]
-        assert annotations["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
         assert annotations["cert-manager.io/cluster-issuer"] == "letsencrypt"
         assert annotations["nginx.ingress.kubernetes.io/auth-type"] == "basic"
 
