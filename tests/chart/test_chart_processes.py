@@ -254,6 +254,13 @@ def test_helm_test_pod_gets_pong_from_a_worker(
     objects: list[dict[str, Any]], pods: Any, redis: Any
 ) -> None:
     pods(objects, "Deployment", "worker-low", METRICS_PORT="0").wait_probe("startupProbe", 90)
+    # As in the cluster: the migrate Job has run before `helm test` (it checks the schema).
+    job = container(get(objects, "Job", "migrate-1"))
+    job_env = process_env(container_env(objects, job))
+    migrated = subprocess.run(
+        argv_of(job, job_env), cwd=REPO, env=job_env, capture_output=True, text=True, timeout=120
+    )
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     test_pod = get(objects, "Pod", "test-ping")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = container(test_pod)
@@ -263,6 +270,7 @@ def test_helm_test_pod_gets_pong_from_a_worker(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert '"pong"' in done.stdout
+    assert "redis: PONG" in done.stdout and "schema at" in done.stdout + done.stderr
 
 
 def test_beat_sends_the_schedule(early_beat: LocalPod, broker: RedisServer) -> None:
