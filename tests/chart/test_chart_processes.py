@@ -347,3 +347,85 @@ def test_flower_guards_every_path_the_ingress_and_the_route_expose(
     flower.env["FLOWER_BASIC_AUTH"] = f"{user}:not-the-password"
     assert flower.exec_probe("readinessProbe").returncode != 0
     assert flower.exec_probe("livenessProbe").returncode != 0
+
+
+def test_evaluation_install_helm_test_passes_against_the_in_chart_postgresql_wiring(
+    broker: RedisServer, pods: Any
+) -> None:
+    """No database given: the pods reach the chart's PostgreSQL with the generated password
+    (DATABASE_URL composed from $(DATABASE_PASSWORD)), the rendered probe commands pass, the
+    migrate Job migrates and the `helm test` pod passes. The server is the machine's
+    PostgreSQL (not the official image, which needs a container runtime) under a role and
+    database of the rendered names; only the Service's host name is moved to 127.0.0.1."""
+    from sqlalchemy import create_engine, text
+
+    from conftest import ADMIN_PG_URL
+
+    name = f"wh_eval_{secrets.token_hex(4)}"
+    values = merge(
+        process_values(broker),
+        {"database": {"url": ""}, "postgresql": {"auth": {"username": name, "database": name}}},
+    )
+    objects = render_chart(values)
+    sts = get(objects, "StatefulSet", "postgresql")
+    pg = container(sts)
+    password = base64.b64decode(get(objects, "Secret", "postgresql")["data"]["postgres-password"])
+    admin = create_engine(ADMIN_PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD '{password.decode()}'"))
+        conn.execute(text(f"CREATE DATABASE {name} OWNER {name}"))
+    try:
+        pg_env = process_env(container_env(objects, pg))
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            done = subprocess.run(
+                pg[probe]["exec"]["command"], env=pg_env, capture_output=True, text=True, timeout=30
+            )
+            assert done.returncode == 0, (probe, done.stdout, done.stderr)
+            down = subprocess.run(
+                pg[probe]["exec"]["command"],
+                env={**pg_env, "PGPORT": str(free_port())},  # nothing listens there
+                capture_output=True,
+                timeout=30,
+            )
+            assert down.returncode != 0, probe
+
+        def moved(c: dict[str, Any]) -> dict[str, str]:
+            env = container_env(objects, c)
+            assert (
+                f":{password.decode()}@waardhaven-tasks-postgresql:5432/{name}"
+                in (env["DATABASE_URL"])
+            )
+            return {
+                "DATABASE_URL": env["DATABASE_URL"].replace(
+                    "@waardhaven-tasks-postgresql:", "@127.0.0.1:"
+                )
+            }
+
+        job = container(get(objects, "Job", "migrate-1"))
+        job_env = process_env(container_env(objects, job), **moved(job))
+        migrated = subprocess.run(
+            argv_of(job, job_env),
+            cwd=REPO,
+            env=job_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+
+        worker = container(get(objects, "Deployment", "worker-low"))
+        pods(objects, "Deployment", "worker-low", METRICS_PORT="0", **moved(worker)).wait_probe(
+            "startupProbe", 90
+        )
+        test_pod = container(get(objects, "Pod", "test-ping"))
+        env = process_env(container_env(objects, test_pod), **moved(test_pod))
+        done = subprocess.run(
+            argv_of(test_pod, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '"pong"' in done.stdout
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+        admin.dispose()
