@@ -27,8 +27,12 @@ def pending(url: str | None = None) -> tuple[str | None, str | None]:
 
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     engine = make_engine(url) if url else get_engine()
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        if url:
+            engine.dispose()  # an engine of its own: no pool left behind per call
     return current, head
 
 
