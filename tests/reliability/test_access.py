@@ -163,7 +163,7 @@ def test_flower_needs_credentials_directly_and_through_nginx(
     }
     seen: dict[str, Any] = {}
     try:
-        wait_until(lambda: status(direct + "/healthcheck")[0] == 200, 60, 0.2, "Flower")
+        wait_until(lambda: status(direct + "/healthcheck", basic_auth)[0] == 200, 60, 0.2, "Flower")
         wait_until(lambda: status(ingress + "/")[0] != 0, 20, 0.1, "nginx")
         for check, (url, auth, _) in plan.items():
             seen[check] = status(url, auth)[0]
@@ -253,7 +253,8 @@ def test_secrets_never_appear_in_the_logs(
             **env,
         )
         base = f"http://127.0.0.1:{flower_port}"
-        wait_until(lambda: status(base + "/healthcheck")[0] == 200, 60, 0.2, "Flower")
+        flower_auth = f"{USER}:{flower_password}"
+        wait_until(lambda: status(base + "/healthcheck", flower_auth)[0] == 200, 60, 0.2, "Flower")
         # Work that logs: successes, a refresh through the HTTP provider (a 503, its retry,
         # then the data), a validation failure with its traceback.
         assert app.send_task("ping").get(timeout=30) == "pong"
