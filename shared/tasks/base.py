@@ -25,6 +25,7 @@ from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
+from tasks.compat import hook_allowed
 from tasks.errors import InvalidMessage, PoisonMessage
 from tasks.settings import get_settings
 
@@ -50,16 +51,6 @@ class WaardhavenTask(Task):
         if not request.called_directly and request.id and request.delivery_info:
             self._count_delivery(request.id, request.retries or 0)
         return super().__call__(*args, **kwargs)
-
-    def _get_exec_options(self) -> dict[str, Any]:
-        # The time limits are the worker's own (its TASK_*_TIME_LIMIT). Celery 5.7 stamps the
-        # sender's limits into every message sent through a registered task (beat, the CLI, a
-        # chord), and a message's limits win over the worker's: a worker pool given a longer
-        # limit would silently keep the sender's.
-        options = dict(super()._get_exec_options())
-        options.pop("time_limit", None)
-        options.pop("soft_time_limit", None)
-        return options
 
     def _count_delivery(self, task_id: str, retries: int) -> None:
         settings = get_settings()
@@ -110,10 +101,18 @@ def message_problem(message: Any) -> str | None:
 
 
 class GuardedConsumer(Consumer):
-    """Celery's consumer with `message_problem` checked before a message becomes a request."""
+    """Celery's consumer with `message_problem` checked before a message becomes a request.
+
+    `create_task_handler` is undocumented: the check is installed only with the Celery version
+    it was tested with (tasks.compat), else the worker logs that it runs without it."""
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
+        if not hook_allowed(
+            "the task message check (GuardedConsumer)",
+            "a malformed task message stops the worker as in stock Celery",
+        ):
+            return handle
 
         def on_task_received(message: Any) -> Any:
             problem = message_problem(message)

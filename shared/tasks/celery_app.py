@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue as KombuQueue
 
 from tasks import health, metrics, prefork
@@ -123,12 +123,36 @@ def build_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def drop_sender_time_limits(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """`before_task_publish` receiver: the time limits are the worker's own.
+
+    Celery stamps the sender's configured limits (task_time_limit, task_soft_time_limit) into
+    every message sent through a registered task (beat, the CLI, a chord), and a message's
+    limits win over the worker's: a worker pool given longer limits would silently keep the
+    sender's. A limit equal to the sender's default is cleared; one a caller chose is kept.
+    """
+    if not isinstance(headers, dict):
+        return
+    limits = headers.get("timelimit")
+    if not isinstance(limits, list | tuple) or len(limits) != 2:
+        return
+    settings = get_settings()
+    hard, soft = limits
+    headers["timelimit"] = [
+        None if hard == settings.task_time_limit else hard,
+        None if soft == settings.task_soft_time_limit else soft,
+    ]
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("waardhaven_tasks", task_cls="tasks.base:WaardhavenTask")
     celery.config_from_object(build_config(settings))
     celery.steps["consumer"].add(health.WorkerHeartbeat)
     metrics.install(celery)
+    signals.before_task_publish.connect(
+        drop_sender_time_limits, weak=False, dispatch_uid="waardhaven-time-limits"
+    )
     prefork.install()  # cheap child replacement (worker_max_tasks_per_child)
     return celery
 
