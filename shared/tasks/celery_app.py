@@ -22,8 +22,10 @@ class Queue(enum.StrEnum):
     DEFAULT = "default"
 
 
-# Every task by its short name, and the queue it runs on. A test walks this table.
-ROUTES: dict[str, Queue] = {
+# Every task by its short name, and the queue it runs on. A test walks this table. A new queue
+# is a line here (a name as a plain string will do) and an entry in the chart's `workers` map
+# (deploy/helm/waardhaven-tasks/values.yaml), which says which worker pool consumes it.
+ROUTES: dict[str, str] = {
     "refresh_market_data": Queue.HIGH,
     "refresh_market_data_chunk": Queue.HIGH,
     "refresh_market_data_summary": Queue.HIGH,
@@ -32,6 +34,8 @@ ROUTES: dict[str, Queue] = {
     "cleanup_old_data": Queue.LOW,
     "ping": Queue.DEFAULT,
 }
+# The queues the app declares: those of ROUTES and the default one (tasks routed nowhere else).
+QUEUES: list[str] = sorted({str(Queue.DEFAULT), *map(str, ROUTES.values())})
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -106,10 +110,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_queues": [KombuQueue(q.value, routing_key=q.value) for q in Queue],
+        "task_queues": [KombuQueue(q, routing_key=q) for q in QUEUES],
         "task_default_queue": Queue.DEFAULT.value,
         "task_default_routing_key": Queue.DEFAULT.value,
-        "task_routes": {name: {"queue": q.value} for name, q in ROUTES.items()},
+        "task_routes": {name: {"queue": str(q)} for name, q in ROUTES.items()},
         "beat_schedule": beat_schedule(settings),
         "redbeat_redis_url": settings.redis_url,
         "redbeat_key_prefix": "waardhaven:redbeat:",
