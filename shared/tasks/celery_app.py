@@ -34,8 +34,8 @@ ROUTES: dict[str, str] = {
     "cleanup_old_data": Queue.LOW,
     "ping": Queue.DEFAULT,
 }
-# The queues the app declares: those of ROUTES and the default one (tasks routed nowhere else).
-QUEUES: list[str] = sorted({str(Queue.DEFAULT), *map(str, ROUTES.values())})
+# The queues the app declares, in ROUTES' order: those of ROUTES, then the default one.
+QUEUES: list[str] = list(dict.fromkeys([*map(str, ROUTES.values()), str(Queue.DEFAULT)]))
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -45,18 +45,18 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": "refresh_market_data",
             "schedule": parse_crontab(settings.schedule_refresh_market_data),
             "kwargs": {"mode": "smart"},
-            "options": {"queue": Queue.HIGH.value, "expires": 6 * 3600},
+            "options": {"queue": ROUTES["refresh_market_data"], "expires": 6 * 3600},
         },
         "compute-index-hourly": {
             "task": "compute_index",
             "schedule": parse_crontab(settings.schedule_compute_index),
-            "options": {"queue": Queue.HIGH.value, "expires": 50 * 60},
+            "options": {"queue": ROUTES["compute_index"], "expires": 50 * 60},
         },
         "cleanup-old-data-weekly": {
             "task": "cleanup_old_data",
             "schedule": parse_crontab(settings.schedule_cleanup_old_data),
             "kwargs": {"days_to_keep": settings.retention_days},
-            "options": {"queue": Queue.LOW.value, "expires": 12 * 3600},
+            "options": {"queue": ROUTES["cleanup_old_data"], "expires": 12 * 3600},
         },
     }
 
@@ -111,8 +111,8 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_queues": [KombuQueue(q, routing_key=q) for q in QUEUES],
-        "task_default_queue": Queue.DEFAULT.value,
-        "task_default_routing_key": Queue.DEFAULT.value,
+        "task_default_queue": str(Queue.DEFAULT),
+        "task_default_routing_key": str(Queue.DEFAULT),
         "task_routes": {name: {"queue": str(q)} for name, q in ROUTES.items()},
         "beat_schedule": beat_schedule(settings),
         "redbeat_redis_url": settings.redis_url,

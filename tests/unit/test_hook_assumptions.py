@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import billiard
+import pytest
 from billiard import pool as billiard_pool
 from celery import signals
 from celery.concurrency.asynpool import AsynPool
