@@ -10,8 +10,8 @@ here: tasks.metrics.cluster serves them once, from the exporter's pod.
 Why `compact` on top of prometheus_client's multiprocess mode (a measured reason): its collector
 reads the files of every process that ever wrote, and `mark_process_dead` removes only live
 gauges. With `worker_max_tasks_per_child` a pod leaves files for every recycled child, and
-scrapes slow down as they pile up: 5,400 files made one scrape take 3.3 s here, folded ~5 ms
-(docs/operations.md; tests/observability/test_metrics_multiprocess.py checks it). `compact`
+scrapes slow down as they pile up (seconds per scrape at thousands of files), measured in
+docs/operations.md and checked by tests/observability/test_metrics_multiprocess.py. `compact`
 folds the files of dead processes into one file per kind, every COMPACT_INTERVAL seconds and
 before each scrape: O(live processes) files.
 
