@@ -9,7 +9,8 @@ yourself is not touched), sends a few tasks, then takes:
 - flower-tasks.png, flower-workers.png: Flower's tasks and workers pages, logged in with the
   stack's basic-auth credentials, by headless Chromium;
 - submit-progress.png: `waardhaven-tasks submit refresh_market_data --wait` in a tmux pane,
-  captured with its colours while the bar moves, rendered to HTML by rich and to PNG by Chromium.
+  captured with its colours while the bar moves (the refresh in chunks of 2 assets), rendered
+  to HTML by rich and to PNG by Chromium.
 
 Chromium and tmux come from Debian (`apt-get install chromium tmux`); the script installs them
 when they are missing (as root, or with passwordless sudo).
@@ -114,9 +115,9 @@ def progress_capture(env: dict[str, str], tmux: str) -> str:
         env=env,
         check=True,
     )  # fmt: skip
-    best = ""
+    frames: list[str] = []  # part-way pictures, one per change
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             text = subprocess.run(
                 [tmux, "capture-pane", "-p", "-e", "-t", session],
@@ -124,12 +125,12 @@ def progress_capture(env: dict[str, str], tmux: str) -> str:
                 text=True,
                 check=True,
             ).stdout
-            if "PROGRESS" in text and "━" in text:
-                best = text  # the latest part-way picture
+            if "PROGRESS" in text and "chunks done" in text and "0/" not in text:
+                frames.append(text)
             if "SUCCESS" in text or "FAILURE" in text:
-                return best or text
+                return frames[len(frames) // 2] if frames else text
             time.sleep(0.1)
-        raise SystemExit("submit --wait did not finish in 120 s")
+        raise SystemExit("submit --wait did not finish in 300 s")
     finally:
         subprocess.run([tmux, "kill-session", "-t", session], check=False)
 
@@ -170,6 +171,7 @@ def main() -> int:
         "FLOWER_PORT": str(port),
         "TERM": "xterm-256color",
         "COLORTERM": "truecolor",
+        "REFRESH_CHUNK_SIZE": "2",  # the 14 seed assets in 7 chunks: a bar that moves
     }
     for key in ("REDIS_URL", "DATABASE_URL"):  # a stack of its own, always
         env.pop(key, None)
@@ -181,12 +183,14 @@ def main() -> int:
     try:
         auth = env["FLOWER_BASIC_AUTH"]
         wait_for("the stack (Flower and a worker)", lambda: flower_ok(port, auth), 180)
-        for task in ("ping", "compute_index", "ping", "generate_report"):
-            subprocess.run([CLI, "submit", task], env=env, check=True, capture_output=True)
         ansi = progress_capture(env, tmux)
+        for task in ("compute_index", "generate_report", "ping"):  # some history for Flower
+            submit = [CLI, "submit", task, "--wait"]
+            subprocess.run(submit, env=env, check=True, capture_output=True)
         page = state / "progress.html"
         page.write_text(terminal_html(ansi, "waardhaven-tasks submit --wait"))
-        chromium_png(chromium, page.as_uri(), out / "submit-progress.png", (1100, 330), 500)
+        height = 32 + 21 * len(ansi.rstrip("\n").splitlines())  # the pane's lines, no more
+        chromium_png(chromium, page.as_uri(), out / "submit-progress.png", (1100, height), 500)
         time.sleep(2)  # Flower has the last events
         base = f"http://{user}:{password}@127.0.0.1:{port}"
         chromium_png(chromium, f"{base}/tasks", out / "flower-tasks.png", (1280, 720), 6000)
