@@ -38,7 +38,7 @@ def hook_allowed(hook: str, without: str) -> bool:
     differ = untested()
     if differ:
         logger.warning(
-            "%s is not installed: it was tested with %s, found %s; running without it (%s)",
+            "not installing %s: tested with %s, found %s; running without (%s)",
             hook,
             ", ".join(f"{name} {TESTED[name]}" for name in differ),
             ", ".join(f"{name} {version}" for name, version in differ.items()),
