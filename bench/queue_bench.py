@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ def configs(scale: float) -> list[Config]:
                "no recycling)", big, dict(CELERY_DEFAULTS)),
         Config("production_stock", "production settings, stock child start", small,
                {"BENCH_STOCK_CHILD_START": "1"}),
+        Config("production_public", "production settings, child start with public APIs only "
+               "(no private pool patches)", small, {"BENCH_POOL_PATCHES": "0"}),
         Config("production", "production settings (max_tasks_per_child 50 kept)", big),
         Config("prefetch4", "production, prefetch 4 (instead of 1)", small,
                {"WORKER_PREFETCH_MULTIPLIER": "4"}),
@@ -199,7 +202,10 @@ def run(
     results["message_bytes"] = size
     log(f"queue: raw redis-py LPUSH/BRPOP baseline ({size}-byte messages)")
     results["raw"] = raw_baseline(client, size, int(20_000 * scale))
+    only = {k for k in os.environ.get("BENCH_QUEUE_CONFIGS", "").split(",") if k}
     for config in configs(scale):
+        if only and config.key not in only:
+            continue
         client.flushdb()
         template = template_message(app, client, config.publish)
         enqueue(client, template, config.tasks)

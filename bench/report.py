@@ -9,6 +9,10 @@ Row = tuple[str, str, str, str, str, str]
 HEADER: Row = ("#", "measure", "result", "baseline (same run)", "ratio", "target")
 
 
+# Production settings with each way of starting a child: compared with Celery's defaults.
+PRODUCTION_KEYS = ("production", "production_stock", "production_public")
+
+
 def _n(value: float | None, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -50,7 +54,7 @@ def queue_rows(q: dict[str, Any]) -> list[Row]:
                 f"raw {_n(raw['per_second'])}/s",
                 _x(figures["per_second"], raw["per_second"]),
             )
-        elif key in ("production", "production_stock"):
+        elif key in PRODUCTION_KEYS:
             base, ratio = f"defaults {_n(defaults)}/s", _x(figures["per_second"], defaults)
         else:
             base = f"production {_n(prod.get('per_second'))}/s"
@@ -58,7 +62,7 @@ def queue_rows(q: dict[str, Any]) -> list[Row]:
         target = ""  # the issue sets no queue target: the ratios are the figures
         children = figures.get("children", {})
         extra = ""
-        if key in ("production", "production_stock") and children.get("children"):
+        if key in PRODUCTION_KEYS and children.get("children"):
             extra = (
                 f"; {children['children']} children, start {_n(children['start_ms'], 1)} ms, "
                 f"idle before exit {_n(children.get('last_task_to_exit_ms'), 1)} ms"

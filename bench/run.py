@@ -8,6 +8,8 @@ workers are the real `services/worker-*/run` processes with the production setti
 
     python bench/run.py [--sections queue,refresh,index,reports,scaling,api] [--scale 0.25]
 
+BENCH_QUEUE_CONFIGS=production_stock,production runs only those configurations of section 1.
+
 --scale shrinks the task counts and the data set (a quick smoke run); the figures in
 docs/performance.md come from a full run (--scale 1).
 """

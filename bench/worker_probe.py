@@ -5,6 +5,8 @@ It changes nothing unless the benchmark asks, through environment variables:
 - BENCH_ACKS_LATE=0, BENCH_TRACK_STARTED=0, BENCH_EVENTS=0: the ablations of settings that
   have no environment variable of their own (they are fixed in tasks.celery_app).
 - BENCH_STOCK_CHILD_START=1: undo tasks.prefork (a child starts as with stock Celery).
+- BENCH_POOL_PATCHES=0: keep tasks.prefork's public-API parts (1, 2), not its private pool
+  patches (3 to 5): what the worker runs with an untested Celery or billiard.
 - BENCH_PROBE_FILE=path: one line per child life (fork, ready, exit times) and, with
   BENCH_TASK_TIMES=1, one line per task (wall and CPU seconds, resident memory), as JSON.
 
@@ -45,6 +47,8 @@ if _off("BENCH_TRACK_STARTED"):
         _task.track_started = False
 if os.environ.get("BENCH_STOCK_CHILD_START") == "1":
     signals.worker_init.disconnect(prefork.prepare_parent, dispatch_uid="waardhaven-prefork")
+if _off("BENCH_POOL_PATCHES"):
+    prefork.patch_pool = lambda: None  # type: ignore[assignment]
 
 
 def _write(record: dict[str, Any]) -> None:

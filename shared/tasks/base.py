@@ -32,6 +32,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from tasks import redis_conn, store
+from tasks.compat import hook_allowed
 from tasks.db import new_session, session_scope
 from tasks.errors import InvalidMessage, PoisonMessage
 from tasks.market_data import TransientProviderError
@@ -61,16 +62,6 @@ class WaardhavenTask(Task):
             nesting = request.get("replaced_task_nesting") or 0
             self._count_delivery(request.id, request.retries or 0, nesting)
         return super().__call__(*args, **kwargs)
-
-    def _get_exec_options(self) -> dict[str, Any]:
-        # The time limits are the worker's own (its TASK_*_TIME_LIMIT). Celery 5.7 stamps the
-        # sender's limits into every message sent through a registered task (beat, the CLI, a
-        # chord), and a message's limits win over the worker's: a worker pool given a longer
-        # limit would silently keep the sender's.
-        options = dict(super()._get_exec_options())
-        options.pop("time_limit", None)
-        options.pop("soft_time_limit", None)
-        return options
 
     def _count_delivery(self, task_id: str, retries: int, nesting: int) -> None:
         settings = get_settings()
@@ -260,10 +251,18 @@ def message_problem(message: Any) -> str | None:
 
 
 class GuardedConsumer(Consumer):
-    """Celery's consumer with `message_problem` checked before a message becomes a request."""
+    """Celery's consumer with `message_problem` checked before a message becomes a request.
+
+    `create_task_handler` is undocumented: the check is installed only with the Celery version
+    it was tested with (tasks.compat), else the worker logs that it runs without it."""
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
+        if not hook_allowed(
+            "the task message check (GuardedConsumer)",
+            "a malformed task message stops the worker as in stock Celery",
+        ):
+            return handle
 
         def on_task_received(message: Any) -> Any:
             problem = message_problem(message)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 from kombu import Queue as KombuQueue
 
 from tasks import health, metrics, prefork, redis_conn, signing
@@ -22,8 +22,10 @@ class Queue(enum.StrEnum):
     DEFAULT = "default"
 
 
-# Every task by its short name, and the queue it runs on. A test walks this table.
-ROUTES: dict[str, Queue] = {
+# Every task by its short name, and the queue it runs on. A test walks this table. A new queue
+# is a line here (a name as a plain string will do) and an entry in the chart's `workers` map
+# (deploy/helm/waardhaven-tasks/values.yaml), which says which worker pool consumes it.
+ROUTES: dict[str, str] = {
     "refresh_market_data": Queue.HIGH,
     "refresh_market_data_chunk": Queue.HIGH,
     "refresh_market_data_summary": Queue.HIGH,
@@ -32,6 +34,8 @@ ROUTES: dict[str, Queue] = {
     "cleanup_old_data": Queue.LOW,
     "ping": Queue.DEFAULT,
 }
+# The queues the app declares, in ROUTES' order: those of ROUTES, then the default one.
+QUEUES: list[str] = list(dict.fromkeys([*map(str, ROUTES.values()), str(Queue.DEFAULT)]))
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -42,18 +46,26 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": "refresh_market_data",
             "schedule": parse_crontab(settings.schedule_refresh_market_data),
             "kwargs": {"mode": "smart"},
-            "options": {"queue": Queue.HIGH.value, "expires": 6 * 3600, "headers": by_beat},
+            "options": {
+                "queue": ROUTES["refresh_market_data"],
+                "expires": 6 * 3600,
+                "headers": by_beat,
+            },
         },
         "compute-index-hourly": {
             "task": "compute_index",
             "schedule": parse_crontab(settings.schedule_compute_index),
-            "options": {"queue": Queue.HIGH.value, "expires": 50 * 60, "headers": by_beat},
+            "options": {"queue": ROUTES["compute_index"], "expires": 50 * 60, "headers": by_beat},
         },
         "cleanup-old-data-weekly": {
             "task": "cleanup_old_data",
             "schedule": parse_crontab(settings.schedule_cleanup_old_data),
             "kwargs": {"days_to_keep": settings.retention_days},
-            "options": {"queue": Queue.LOW.value, "expires": 12 * 3600, "headers": by_beat},
+            "options": {
+                "queue": ROUTES["cleanup_old_data"],
+                "expires": 12 * 3600,
+                "headers": by_beat,
+            },
         },
     }
 
@@ -108,10 +120,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_queues": [KombuQueue(q.value, routing_key=q.value) for q in Queue],
-        "task_default_queue": Queue.DEFAULT.value,
-        "task_default_routing_key": Queue.DEFAULT.value,
-        "task_routes": {name: {"queue": q.value} for name, q in ROUTES.items()},
+        "task_queues": [KombuQueue(q, routing_key=q) for q in QUEUES],
+        "task_default_queue": str(Queue.DEFAULT),
+        "task_default_routing_key": str(Queue.DEFAULT),
+        "task_routes": {name: {"queue": str(q)} for name, q in ROUTES.items()},
         "beat_schedule": beat_schedule(settings),
         **redis_conn.redbeat_config(settings),
         "redbeat_key_prefix": "waardhaven:redbeat:",
@@ -144,6 +156,27 @@ class RefuseEagerMode(bootsteps.Step):
         super().__init__(parent, **kwargs)
 
 
+def drop_sender_time_limits(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """`before_task_publish` receiver: the time limits are the worker's own.
+
+    Celery stamps the sender's configured limits (task_time_limit, task_soft_time_limit) into
+    every message sent through a registered task (beat, the CLI, a chord), and a message's
+    limits win over the worker's: a worker pool given longer limits would silently keep the
+    sender's. A limit equal to the sender's default is cleared; one a caller chose is kept.
+    """
+    if not isinstance(headers, dict):
+        return
+    limits = headers.get("timelimit")
+    if not isinstance(limits, list | tuple) or len(limits) != 2:
+        return
+    settings = get_settings()
+    hard, soft = limits
+    headers["timelimit"] = [
+        None if hard == settings.task_time_limit else hard,
+        None if soft == settings.task_soft_time_limit else soft,
+    ]
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("waardhaven_tasks", task_cls="tasks.base:WaardhavenTask")
@@ -152,6 +185,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery.steps["worker"].add(RefuseEagerMode)
     celery.steps["consumer"].add(health.WorkerHeartbeat)
     metrics.install(celery)
+    signals.before_task_publish.connect(
+        drop_sender_time_limits, weak=False, dispatch_uid="waardhaven-time-limits"
+    )
     prefork.install()  # cheap child replacement (worker_max_tasks_per_child)
     return celery
 

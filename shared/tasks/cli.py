@@ -170,7 +170,7 @@ def status(task_id: str) -> None:
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for replies.")
 def inspect(timeout: float) -> None:
     """Active, reserved and scheduled tasks per worker, and queue lengths."""
-    from tasks.celery_app import Queue
+    from tasks.celery_app import QUEUES
 
     app = _app()
     inspector = app.control.inspect(timeout=timeout)
@@ -200,8 +200,8 @@ def inspect(timeout: float) -> None:
     queues.add_column("messages waiting")
     with app.connection_for_write() as conn:
         client = conn.default_channel.client
-        for q in Queue:
-            queues.add_row(q.value, str(client.llen(q.value)))
+        for q in QUEUES:
+            queues.add_row(q, str(client.llen(q)))
     Console().print(queues)
 
 

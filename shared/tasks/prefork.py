@@ -1,33 +1,26 @@
 """Cheap prefork children: what runs when `worker_max_tasks_per_child` replaces one.
 
-The worker replaces a pool child every WORKER_MAX_TASKS_PER_CHILD tasks (50), so that a leak in
-a task, a library or a C extension cannot grow a pod's memory for ever. With Celery 5.7 and
-billiard 4.3 as they come, one replacement cost a 2-core pod ~0.3 s, and the production
-settings processed ~3x fewer no-op tasks per second than without recycling (bench/run.py,
-docs/performance.md). Five causes, each fixed here in the worker's main process before the
-pool forks (`prepare_parent`, on `worker_init`):
+The worker replaces a pool child every WORKER_MAX_TASKS_PER_CHILD tasks (50) to bound leaks.
+With Celery and billiard as they come a replacement is slow (docs/performance.md, section 1,
+has the figures). `prepare_parent` (on `worker_init`, in the main process before the pool
+forks) removes five costs:
 
-1. billiard's `set_pdeathsig` in every new child goes through cffi, whose first `FFI.cdef` in
-   a process imports pycparser and builds its parser: 80-250 ms of CPU per child. Running the
-   same code once in the main process (`get_pdeathsig`) leaves the parser built for every
-   child to inherit: ~4 ms.
-2. Celery runs `gc.collect()` in the main process before each fork; a full collection walks
-   the ~110k objects our imports leave (~100 ms), during which the main process neither
-   dispatches nor acknowledges. `gc.freeze()` moves them to the permanent generation, so the
-   collection walks only what was allocated since (CPython's advice before fork; it also keeps
-   the children's copy-on-write pages shared).
-3. A child that has run its last task polls every 100 ms until the main process has read its
-   last result: a pool slot idles ~100 ms per replacement. It polls every 2 ms here (the same
-   30 s limit).
-4. A race in Celery's pool: the main process learns that a child exited from a pipe that
-   closes a moment before the child can be reaped; when it looks in that moment it finds no
-   exited child, stops watching, and replaces the child only at its next 5-second check. A
-   task handed to the exiting child waits for that: 3-5 s latency spikes after recycles at
-   low load. `_reap_then_maintain` reaps the child first (it is exiting: microseconds).
-5. The main process hands the next task to any idle child, also to one that has just run its
-   last task and is leaving: that task waits until the child is gone and its replacement
-   started (~50 ms, one task in 50 at low load: the p99 latency). `_keep_retiring_busy`
-   leaves a child that has run its last task marked busy, so the task goes to another child.
+1. billiard's `set_pdeathsig` in each child builds cffi's C parser: built once here instead
+   (`get_pdeathsig`), every child inherits it. Public API.
+2. Celery's `gc.collect()` before each fork walks every object our imports left:
+   `gc.freeze()` moves them out of its way (CPython's advice before fork). Public API.
+3. A child that ran its last task polls 100 ms at a time until its last result was read:
+   2 ms here. A billiard module constant.
+4. The main process may look for an exited child a moment before it can be reaped, then
+   replaces it only at its next 5 s check: `_reap_then_maintain` reaps it first. Private
+   (`AsynPool._event_process_exit`).
+5. A task handed to a child that just ran its last task waits for its replacement:
+   `_keep_retiring_busy` keeps such a child marked busy. Private (`AsynPool.on_job_ready`),
+   and it relies on billiard calling on_job_ready before it counts the child's task.
+
+3 to 5 touch private code: they are installed only with the Celery and billiard versions in
+`tasks.compat.TESTED` (else the worker logs that it runs without them, and recycles the slow
+way); tests/unit/test_hook_assumptions.py checks what they assume.
 """
 
 from __future__ import annotations
@@ -38,6 +31,8 @@ import time
 from typing import Any
 
 from celery import signals
+
+from tasks.compat import hook_allowed
 
 EXIT_POLL_INTERVAL = 0.002  # seconds; billiard's default is 0.1
 EXIT_POLL_LIMIT = 30.0  # seconds a recycled child waits for its last result to be read
@@ -95,8 +90,12 @@ def _keep_retiring_busy(original: Any) -> Any:
 
 
 def patch_pool() -> None:
-    """Install 4. and 5. on Celery's prefork pool (once; skipped if Celery changed them)."""
+    """Install 3. to 5. (once), with the tested Celery and billiard only."""
     from celery.concurrency import asynpool
+
+    if not hook_allowed("the prefork pool patches", "recycled children are replaced slower"):
+        return
+    shorten_exit_poll()
 
     pool = asynpool.AsynPool
     current = getattr(pool, "_event_process_exit", None)
@@ -110,7 +109,6 @@ def patch_pool() -> None:
 def prepare_parent(**_: Any) -> None:
     """`worker_init` receiver: runs in the worker's main process, before the pool forks."""
     warm_pdeathsig()
-    shorten_exit_poll()
     patch_pool()
     gc.collect()
     gc.freeze()  # see 2.

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     metrics_address: str = Field(
         "0.0.0.0", description="Address the worker /metrics server binds (make run: 127.0.0.1)."
     )
+    cluster_metrics_port: int = Field(
+        9541, ge=1, le=65535, description="/metrics port of the cluster probes (exporter pod)."
+    )
     waardhaven_extra_task_modules: str = Field(
         "", description="Comma-separated extra modules the worker imports (test-only tasks)."
     )

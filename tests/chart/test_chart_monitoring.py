@@ -12,13 +12,18 @@ FORCED = {"serviceMonitor": {"force": True}, "prometheusRule": {"force": True}}
 def test_exporter_runs_its_service_on_its_port() -> None:
     objects = render_chart()
     deployment = get(objects, "Deployment", "exporter")
-    c = container(deployment)
+    c = container(deployment, "exporter")
     assert c["args"] == ["services/exporter/run"]
     assert env_of(c)["EXPORTER_PORT"] == "9540"
     assert c["ports"] == [{"name": "metrics", "containerPort": 9540, "protocol": "TCP"}]
     assert deployment["spec"]["replicas"] == 1  # two exporters would count events twice
+    # The cluster probes run once, in this pod.
+    probes = container(deployment, "probes")
+    assert probes["args"] == ["services/exporter/probes"]
+    assert env_of(probes)["CLUSTER_METRICS_PORT"] == "9541"
+    assert probes["ports"] == [{"name": "probes", "containerPort": 9541, "protocol": "TCP"}]
     service = get(objects, "Service", "exporter")
-    assert service["spec"]["ports"][0]["port"] == 9540
+    assert [p["port"] for p in service["spec"]["ports"]] == [9540, 9541]
 
 
 def test_monitors_select_the_pods_the_chart_labels() -> None:
@@ -33,9 +38,9 @@ def test_monitors_select_the_pods_the_chart_labels() -> None:
         assert labels["waardhaven-tasks/role"] == "worker"
     sm = get(objects, "ServiceMonitor", "exporter")
     assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "exporter"
-    assert {"targetLabel": "job", "replacement": "exporter"} in sm["spec"]["endpoints"][0][
-        "relabelings"
-    ]
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", "probes"]
+    for e in sm["spec"]["endpoints"]:
+        assert {"targetLabel": "job", "replacement": "exporter"} in e["relabelings"]
 
 
 def test_monitor_labels_for_the_prometheus_selector() -> None:

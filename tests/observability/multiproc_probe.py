@@ -25,17 +25,17 @@ def main() -> int:
     children, tasks_per_child = int(sys.argv[1]), int(sys.argv[2])
     os.environ["METRICS_PORT"] = str(free_port())
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    from tasks import metrics
     from tasks.celery_app import app
+    from tasks.metrics import families, server
 
-    metrics.COMPACT_INTERVAL = 1e9  # no background folding: measure the unfolded directory
-    metrics._on_worker_main_init(sender="probe@host", instance=None)
-    metrics._server.queues = ["high_priority", "low_priority", "default"]  # every series
+    server.COMPACT_INTERVAL = 1e9  # no background folding: measure the unfolded directory
+    server.on_worker_main_init(sender="probe@host", instance=None)
+    server.state.queues = ["high_priority", "low_priority", "default"]  # every series
     app.loader.import_default_modules()  # the tasks, as the worker imports them
-    metrics._preinitialise(app)
-    path = metrics._server.path
+    server.preinitialise(app)
+    path = server.state.path
     assert path is not None
-    m = metrics._get()
+    m = families.get()
     first_write: list[float] = []
     for i in range(children):
         r, w = os.pipe()
@@ -66,10 +66,10 @@ def main() -> int:
     raw_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    metrics._FilesCollector().collect()  # first scrape: folds the dead children in
+    server.FilesCollector().collect()  # first scrape: folds the dead children in
     first_scrape_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    merged = list(metrics._FilesCollector().collect())
+    merged = list(server.FilesCollector().collect())
     scrape_seconds = time.perf_counter() - started
 
     def values(families: list) -> dict:
@@ -105,7 +105,7 @@ def main() -> int:
                 "raw": values(raw),
                 "merged": values(merged),
                 "child_first_write_median": statistics.median(first_write),
-                "compacted": metrics._server.compacted,
+                "compacted": server.state.compacted,
             }
         )
     )

@@ -64,13 +64,13 @@ def test_install_is_cheap_outside_a_worker(tmp_path: Path) -> None:
     code = f"""
 import json, sys, redis
 from tasks.celery_app import app
-from tasks import metrics
+from tasks.metrics import server
 app.send_task("ping", queue={queue!r})
 raw = redis.Redis.from_url(app.conf.broker_url).lindex({queue!r}, 0)
 print(json.dumps({{
     "prometheus_client": "prometheus_client" in sys.modules,
     "worker_request": "celery.worker.request" in sys.modules,
-    "server": metrics._server.httpd is not None,
+    "server": server.state.httpd is not None,
     "sent_at": json.loads(raw)["headers"].get("sent_at"),
 }}))
 """
@@ -97,9 +97,9 @@ print(json.dumps({{
 
 def test_labels_are_bounded() -> None:
     import tasks.background_tasks  # noqa: F401  (registers the tasks)
-    from tasks import metrics
+    from tasks.metrics import families as metrics
 
-    m = metrics._get()
+    m = metrics.get()
     names = [m.bounded("exception-test", f"Error{i}") for i in range(metrics.MAX_LABEL_VALUES + 5)]
     assert names[: metrics.MAX_LABEL_VALUES] == [
         f"Error{i}" for i in range(metrics.MAX_LABEL_VALUES)
@@ -107,10 +107,10 @@ def test_labels_are_bounded() -> None:
     assert set(names[metrics.MAX_LABEL_VALUES :]) == {metrics.OTHER}
     assert m.bounded("exception-test", "Error0") == "Error0"  # known values stay
     assert m.bounded("table-test", "x{y=1}") == metrics.OTHER  # not a plain name
-    assert metrics._task_label("ping") == "ping"
-    assert metrics._task_label("evil.task.from.a.message") == metrics.UNKNOWN
-    assert metrics._queue_label({"routing_key": "high_priority"}) == "high_priority"
-    assert metrics._queue_label({"routing_key": "celeryev.123"}) == metrics.UNKNOWN
+    assert metrics.task_label("ping") == "ping"
+    assert metrics.task_label("evil.task.from.a.message") == metrics.UNKNOWN
+    assert metrics.queue_label({"routing_key": "high_priority"}) == "high_priority"
+    assert metrics.queue_label({"routing_key": "celeryev.123"}) == metrics.UNKNOWN
 
 
 def test_nothing_runs_at_pool_child_start() -> None:
@@ -118,8 +118,6 @@ def test_nothing_runs_at_pool_child_start() -> None:
     ours there."""
     from celery import signals
 
-    from tasks import metrics
-
     receivers = [r for _key, r in signals.worker_process_init.receivers]
-    ours = [r for r in receivers if getattr(r, "__module__", "") == metrics.__name__]
+    ours = [r for r in receivers if getattr(r, "__module__", "").startswith("tasks.")]
     assert not ours

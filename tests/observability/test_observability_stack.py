@@ -5,7 +5,8 @@ The stack: its own redis-server (maxmemory set, stopped at the end for the Redis
 services/worker-high/run (high_priority) and services/worker-low/run with WORKER_QUEUES=
 low_priority (so `default` has no consumer), both with `--concurrency 2` and children recycled
 every 5 tasks, services/exporter/run, services/beat/run (stopped early: its schedule entry falls
-overdue), the session's PostgreSQL database. Prometheus (Debian) runs from
+overdue), services/exporter/probes (the cluster-wide figures), the session's PostgreSQL
+database. Prometheus (Debian) runs from
 deploy/prometheus/prometheus.yml with these targets, 1 s intervals and the chart's rules
 rendered with short thresholds (and `for: 0s`). The workload: successes, failures (bad input to
 the real generate_report), a retry, soft and hard time-limit hits, an expired (revoked) task, an
@@ -34,6 +35,7 @@ from obs_helpers import (
     HERE,
     PROMETHEUS_EXAMPLE,
     REPO,
+    Proc,
     Prometheus,
     ensure_exporter_venv,
     ensure_prometheus,
@@ -56,7 +58,7 @@ from obs_helpers import (
 from render_rules import rules_for
 
 from conftest import VENV_BIN, RedisServer, free_port, reset_database
-from tasks.metrics import default_multiproc_dir
+from tasks.metrics.server import default_multiproc_dir
 
 NAMESPACE = "waardhaven-test"
 PINGS = 60  # to worker-high: 2 children recycled every 5 tasks -> at least 10 recycled
@@ -109,8 +111,12 @@ class Stack:
         self.redis_server = RedisServer(password=secrets.token_hex(8)).start()
         self.redis = redis.Redis.from_url(self.redis_server.url)
         self.redis.config_set("maxmemory", "64mb")
-        self.ports = {"worker-high": free_port(), "worker-low": free_port(), "exporter": 0}
-        self.ports["exporter"] = free_port()
+        self.ports = {
+            "worker-high": free_port(),
+            "worker-low": free_port(),
+            "exporter": free_port(),
+            "probes": free_port(),
+        }
         base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         base.update(
             PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -147,6 +153,12 @@ class Stack:
         )
         self.start(
             "exporter", EXPORTER_PORT=str(self.ports["exporter"]), EXPORTER_VENV=str(exporter_venv)
+        )
+        self.procs["probes"] = Proc(
+            "probes",
+            [str(REPO / "services" / "exporter" / "probes")],
+            {**self.env, "CLUSTER_METRICS_PORT": str(self.ports["probes"])},
+            tmp,
         )
         self.start("beat", HEALTH_DIR=str(tmp / "health-beat"))
         for name in ("worker-high", "worker-low"):
@@ -185,6 +197,9 @@ class Stack:
     def metrics_url(self, worker: str) -> str:
         return f"http://127.0.0.1:{self.ports[worker]}/metrics"
 
+    def probes_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['probes']}/metrics"
+
     def exporter_url(self, path: str = "/metrics") -> str:
         return f"http://127.0.0.1:{self.ports['exporter']}{path}"
 
@@ -208,7 +223,10 @@ class Stack:
             ],
             "exporter": [
                 {
-                    "targets": [f"127.0.0.1:{self.ports['exporter']}"],
+                    "targets": [
+                        f"127.0.0.1:{self.ports['exporter']}",
+                        f"127.0.0.1:{self.ports['probes']}",
+                    ],
                     "labels": {"namespace": NAMESPACE},
                 }
             ],
@@ -223,7 +241,7 @@ class Stack:
         prom = self.prometheus
         wait_until(
             "every target up",
-            lambda: all(t["health"] == "up" for t in prom.targets()) and len(prom.targets()) == 3,
+            lambda: all(t["health"] == "up" for t in prom.targets()) and len(prom.targets()) == 4,
             30,
         )
 
@@ -373,6 +391,10 @@ def test_counts_are_exact_with_concurrency_and_recycled_children(
     assert recycled >= PINGS // 5 - 2, recycled
     assert value_of(high, "waardhaven_metrics_files") <= 15
     assert value_of(high, "waardhaven_worker_processes") == 2
+    # Cluster-wide figures come from the one probes process, not from every worker.
+    cluster = {"waardhaven_redis_up", "waardhaven_queue_oldest_message_age_seconds"}
+    assert not cluster & sample_names(high)
+    assert cluster <= sample_names(scrape(stack.probes_url()))
 
     low = scrape(stack.metrics_url("worker-low"))
     assert value_of(low, "waardhaven_tasks_total", task="generate_report", state="failed") == 2
@@ -491,6 +513,7 @@ def test_every_metric_name_in_dashboards_and_rules_is_exposed(
     exposed = sample_names(scrape(stack.metrics_url("worker-high")))
     exposed |= sample_names(scrape(stack.metrics_url("worker-low")))
     exposed |= sample_names(scrape(stack.exporter_url()))
+    exposed |= sample_names(scrape(stack.probes_url()))
     used: dict[str, str] = {}
     for uid, title, expr in panel_queries():
         for name in metric_names(expr):
@@ -539,5 +562,6 @@ def test_redis_down_alert_fires_when_redis_stops(stack: Stack, workload: dict[st
         20,
     )
     assert stack.prom_value("max by (namespace) (waardhaven_redis_up)") == 0
-    # The workers still serve /metrics without their broker.
-    assert value_of(scrape(stack.metrics_url("worker-high")), "waardhaven_redis_up") == 0
+    # The probes still serve /metrics without Redis, and so do the workers.
+    assert value_of(scrape(stack.probes_url()), "waardhaven_redis_up") == 0
+    assert value_of(scrape(stack.metrics_url("worker-high")), "waardhaven_worker_processes") == 2

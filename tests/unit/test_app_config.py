@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from celery.schedules import crontab
 
-from tasks.celery_app import ROUTES, Queue, app
+from tasks.celery_app import QUEUES, ROUTES, app
+from tasks.devstack import worker_pools
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLIC_TASKS = {"refresh_market_data", "compute_index", "generate_report", "cleanup_old_data"}
@@ -52,18 +53,37 @@ def test_every_beat_entry_names_a_registered_task_on_its_queue(registered: set[s
     }
     for entry in schedule.values():
         assert entry["task"] in registered
-        assert entry["options"]["queue"] == ROUTES[entry["task"]].value
+        assert entry["options"]["queue"] == ROUTES[entry["task"]]
         assert entry["options"]["expires"] > 0
         assert isinstance(entry["schedule"], crontab)
 
 
-def test_every_queue_is_consumed_by_a_service() -> None:
-    consumed: set[str] = set()
-    for run in (REPO / "services").glob("worker-*/run"):
-        for line in run.read_text().splitlines():
-            if "WORKER_QUEUES:=" in line:
-                consumed |= set(line.split(":=")[1].rstrip('}"').split(","))
-    assert consumed == {q.value for q in Queue}
+def test_every_queue_is_consumed_by_one_worker_pool() -> None:
+    """The chart's `workers` map (values.yaml) is the one source of the pools: it consumes
+    exactly the app's queues, each in one pool; make run starts the same pools."""
+    pools = worker_pools()
+    consumed = [q for pool in pools.values() for q in pool["queues"].split(",")]
+    assert sorted(consumed) == sorted(QUEUES)
+    assert set(app.amqp.queues) == set(QUEUES)
+    assert set(ROUTES.values()) | {app.conf.task_default_queue} == set(QUEUES)
+
+
+def test_worker_services_share_one_run_script() -> None:
+    """services/worker-<pool>/ hold only their defaults (env) and links to services/worker/;
+    a pool's env file names the queues the chart gives that pool."""
+    pools = worker_pools()
+    for folder in sorted((REPO / "services").glob("worker-*")):
+        assert sorted(f.name for f in folder.iterdir()) == ["env", "healthcheck", "run"]
+        for script in ("run", "healthcheck"):
+            assert (folder / script).is_symlink()
+            assert (folder / script).resolve() == REPO / "services" / "worker" / script
+        env = dict(
+            line.split("=", 1)
+            for line in (folder / "env").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+        pool = next(p for p in pools.values() if p["service"] == folder.name)
+        assert env["WORKER_QUEUES"] == pool["queues"]
 
 
 def test_production_settings() -> None:
