@@ -225,7 +225,8 @@ def test_secrets_never_appear_in_the_logs(
     db_url = make_url(os.environ["DATABASE_URL"]).set(password=db_password)
     # The HTTP provider, against a fake TwelveData that fails the first request (the error
     # path: the exception text, the retry log line) and then answers (the request log line).
-    api = FakeTwelveData(fail_first=1, fail_status=503)
+    # It answers only requests that carry this key (the provider sends it in a header).
+    api = FakeTwelveData(fail_first=1, fail_status=503, api_key=api_key)
     env = {
         "DATABASE_URL": db_url.render_as_string(hide_password=False),
         "MARKET_DATA_PROVIDER": "twelvedata",
@@ -261,6 +262,7 @@ def test_secrets_never_appear_in_the_logs(
         refresh = app.send_task("refresh_market_data", kwargs={"symbols": ["AAPL"]})
         assert refresh.get(timeout=120)["rows_inserted"] > 0
         assert len(api.requests) >= 2  # the key path was used: a failed request, an answer
+        assert not any(api_key in line for line in api.paths)  # and never in a URL
         assert app.send_task("cleanup_old_data").get(timeout=60)["cutoff"]
         failed = app.send_task("generate_report", kwargs={"report_type": "bogus"})
         assert failed.get(timeout=30, propagate=False) is not None
