@@ -130,13 +130,16 @@ def _follow(result: Any, timeout: float) -> int:
             state, info = result.state, result.info
             if state == "PROGRESS" and isinstance(info, dict):
                 current, total = info.get("current", 0), info.get("total") or None
+                status = str(info.get("status", ""))
+                counts = f"{current}/{total}" if total else ""
                 bar.update(
                     row,
                     total=total,
                     completed=current,
-                    description=str(info.get("status", "")),
+                    description=status,
                     state=state,
-                    counts=f"{current}/{total}" if total else "",
+                    # "2/7 chunks done" says it already: the counts once, not twice
+                    counts="" if status.startswith(counts) else counts,
                 )
             else:
                 bar.update(row, state=state)

@@ -1,4 +1,4 @@
-"""The README's configuration table is the settings model, variable for variable."""
+"""The configuration table (docs/configuration.md) is the settings model, variable for variable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tasks.settings import Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_every_setting_is_documented_with_its_default() -> None:
