@@ -203,12 +203,16 @@ def test_make_run_starts_a_worker_that_runs_it(
     )
     try:
         wait_until("the stack's banner", lambda: "is running" in log.read_text(), 120, interval=1)
+        # Sent as the CLI would: with the stack's settings (var/dev.env), its signing key too.
+        stack_env = dict(
+            line.split("=", 1) for line in (state / "dev.env").read_text().splitlines() if line
+        )
         task_id = in_copy(
             copy,
             "import json; from tasks.celery_app import app\n"
             "app.loader.import_default_modules(); app.finalize()\n"
             "print(json.dumps(app.send_task('cleanup_old_data', kwargs={'days_to_keep': 30}).id))",
-            REDIS_URL=broker.url,
+            **stack_env,
         )
         client = redis.Redis.from_url(broker.url)
 
