@@ -67,6 +67,19 @@ def migrate() -> None:
     console.print("[green]schema up to date[/]")
 
 
+@main.command("wait-for-migrations")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait.")
+def wait_for_migrations(timeout: float) -> None:
+    """Wait until the schema is at the newest revision (exit 1 after --timeout)."""
+    from tasks.migrate import wait_for_head
+
+    try:
+        head = wait_for_head(timeout)
+    except TimeoutError as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"[green]schema at {head}[/]")
+
+
 @main.command()
 def seed() -> None:
     """Insert the 14 seed assets and the default strategy (idempotent)."""

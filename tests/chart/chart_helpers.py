@@ -93,6 +93,7 @@ def render_chart(
     api_versions: list[str] | None = None,
     name: str = RELEASE,
     namespace: str = NAMESPACE,
+    is_upgrade: bool = False,
 ) -> list[dict[str, Any]]:
     """The chart's objects for `values` (merged over MINIMAL unless minimal=False).
 
@@ -106,6 +107,7 @@ def render_chart(
         namespace=namespace,
         kubernetes_version=kubernetes_version,
         api_versions=api_versions,
+        is_upgrade=is_upgrade,
     )
     objects: list[dict[str, Any]] = []
     for path, text in sorted(templates.items()):
@@ -262,7 +264,40 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                 "maxReplicaCount": {"type": "integer", "minimum": 1},
                 "pollingInterval": {"type": "integer"},
                 "cooldownPeriod": {"type": "integer"},
-                "advanced": {"type": "object"},
+                "fallback": {
+                    "type": "object",
+                    "required": ["failureThreshold", "replicas"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "failureThreshold": {"type": "integer", "minimum": 1},
+                        "replicas": {"type": "integer", "minimum": 1},
+                    },
+                },
+                "advanced": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "horizontalPodAutoscalerConfig": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "name": {"type": "string"},
+                                "behavior": {"type": "object"},
+                            },
+                        },
+                        "scalingModifiers": {
+                            "type": "object",
+                            "required": ["formula", "target"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "formula": {"type": "string"},
+                                "target": {"type": "string"},
+                                "activationTarget": {"type": "string"},
+                                "metricType": {"enum": ["AverageValue", "Value"]},
+                            },
+                        },
+                    },
+                },
                 "triggers": {
                     "type": "array",
                     "minItems": 1,
@@ -272,11 +307,109 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                         "additionalProperties": False,
                         "properties": {
                             "type": {"const": "redis"},
+                            "name": {"type": "string", "pattern": "^[a-z][a-z0-9]*$"},
+                            "authenticationRef": {
+                                "type": "object",
+                                "required": ["name"],
+                                "additionalProperties": False,
+                                "properties": {"name": {"type": "string"}},
+                            },
                             # KEDA's trigger metadata is a map of strings.
                             "metadata": {
                                 "type": "object",
                                 "required": ["address", "listName", "listLength"],
                                 "additionalProperties": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            },
+        }
+    ),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): _crd_schema(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretTargetRef"],
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string", "minLength": 1},
+                            "key": {"type": "string", "minLength": 1},
+                        },
+                    },
+                }
+            },
+        }
+    ),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): _crd_schema(
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["parentRefs", "rules"],
+            "properties": {
+                "parentRefs": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            k: {"type": "string"}
+                            for k in ("group", "kind", "name", "namespace", "sectionName")
+                        }
+                        | {"port": {"type": "integer"}},
+                    },
+                },
+                "hostnames": {"type": "array", "items": {"type": "string"}},
+                "rules": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "matches": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "path": {
+                                            "type": "object",
+                                            "required": ["type", "value"],
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "type": {
+                                                    "enum": [
+                                                        "Exact",
+                                                        "PathPrefix",
+                                                        "RegularExpression",
+                                                    ]
+                                                },
+                                                "value": {"type": "string", "pattern": "^/"},
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                            "backendRefs": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name", "port"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "name": {"type": "string"},
+                                        "port": {"type": "integer"},
+                                    },
+                                },
                             },
                         },
                     },

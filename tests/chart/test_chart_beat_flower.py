@@ -52,18 +52,18 @@ class TestFlowerIngress:
         c = container(get(objects, "Deployment", "flower"))
         assert path["path"] == "/ops/flower" and path["pathType"] == "Prefix"
         assert env_of(c)["FLOWER_URL_PREFIX"] == "ops/flower"
-        assert c["livenessProbe"]["httpGet"]["path"] == "/ops/flower/healthcheck"
+        assert c["livenessProbe"]["exec"]["command"] == ["services/flower/healthcheck"]
 
     def test_tls(self) -> None:
         ingress = get(
             render_chart(VALUE_SETS["ingress-tls"], show_only=FLOWER), "Ingress", "flower"
         )
+        # TLS by default once a host is set: the credentials never cross the wire in clear.
         assert ingress["spec"]["tls"] == [
-            {"secretName": "flower-tls", "hosts": ["flower.example.com"]}
+            {"secretName": "waardhaven-tasks-flower-tls", "hosts": ["flower.example.com"]}
         ]
         assert ingress["spec"]["rules"][0]["host"] == "flower.example.com"
         annotations = ingress["metadata"]["annotations"]
-        assert annotations["nginx.ingress.kubernetes.io/force-ssl-redirect"] == "true"
         assert annotations["cert-manager.io/cluster-issuer"] == "letsencrypt"
         assert annotations["nginx.ingress.kubernetes.io/auth-type"] == "basic"
 
@@ -80,11 +80,10 @@ class TestFlowerAuth:
         assert ref == {"name": "waardhaven-tasks-flower-auth", "key": "basic-auth"}
         assert c["args"] == ["services/flower/run"]  # never the password on a command line
 
-    def test_probes_liveness_cheap_readiness_authenticated(self) -> None:
+    def test_probes_authenticate_because_every_path_needs_auth(self) -> None:
         c = container(get(render_chart(show_only=FLOWER), "Deployment", "flower"))
-        assert c["livenessProbe"]["httpGet"] == {"path": "/flower/healthcheck", "port": "http"}
-        script = " ".join(c["readinessProbe"]["exec"]["command"])
-        assert "FLOWER_BASIC_AUTH" in script and "Authorization" in script
+        assert c["livenessProbe"]["exec"]["command"] == ["services/flower/healthcheck"]
+        assert c["readinessProbe"]["exec"]["command"] == ["services/flower/healthcheck", "ready"]
 
     def test_no_fixed_default_password_a_new_one_per_install(self) -> None:
         first = secret_data(render_chart(show_only=FLOWER), "flower-auth")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chart_helpers import REPO, container, get, merge, render_chart
+from chart_helpers import REPO, container, get, merge, pod_spec, render_chart
 from pod_runner import LocalPod, argv_of, container_env, process_env
+from value_sets import VALUE_SETS
 
 from conftest import RedisServer, create_database, free_port, http_status
 
@@ -148,21 +149,42 @@ def test_redis_url_is_composed_from_the_secret(
     )
 
 
-def test_migrate_job_creates_the_schema(objects: list[dict[str, Any]]) -> None:
-    from sqlalchemy import create_engine, inspect
+def test_migrations_run_first_and_twice_without_harm(broker: RedisServer) -> None:
+    """The wait-for-migrations init container of workers and beat holds them while the schema
+    is old; the migrate Job brings it to head, and running it again changes nothing."""
+    from sqlalchemy import create_engine, inspect, text
 
-    job = container(get(objects, "Job", "migrate"))
-    env = process_env(container_env(objects, job))
-    done = subprocess.run(
-        argv_of(job, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    values = merge(
+        process_values(broker),
+        {"database": {"url": create_database(), "migrate": {"waitTimeout": 10}}},
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    engine = create_engine(env["DATABASE_URL"])
+    objects = render_chart(values)
+    init = pod_spec(get(objects, "Deployment", "worker-high"))["initContainers"][0]
+    job = container(get(objects, "Job", "migrate-1"))
+
+    def run(c: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        env = process_env(container_env(objects, c))
+        return subprocess.run(
+            argv_of(c, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    held = run(init)
+    assert held.returncode != 0 and "schema not migrated" in held.stdout + held.stderr
+    for attempt in (1, 2):
+        done = run(job)
+        assert done.returncode == 0, f"migrate run {attempt}: {done.stdout}{done.stderr}"
+    released = run(init)
+    assert released.returncode == 0, released.stdout + released.stderr
+
+    engine = create_engine(container_env(objects, job)["DATABASE_URL"])
     try:
         tables = set(inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            versions = conn.execute(text("select count(*) from alembic_version")).scalar()
     finally:
         engine.dispose()
     assert {"alembic_version", "assets", "prices"} <= tables
+    assert versions == 1
 
 
 @pytest.mark.parametrize(
@@ -232,6 +254,13 @@ def test_helm_test_pod_gets_pong_from_a_worker(
     objects: list[dict[str, Any]], pods: Any, redis: Any
 ) -> None:
     pods(objects, "Deployment", "worker-low", METRICS_PORT="0").wait_probe("startupProbe", 90)
+    # As in the cluster: the migrate Job has run before `helm test` (it checks the schema).
+    job = container(get(objects, "Job", "migrate-1"))
+    job_env = process_env(container_env(objects, job))
+    migrated = subprocess.run(
+        argv_of(job, job_env), cwd=REPO, env=job_env, capture_output=True, text=True, timeout=120
+    )
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     test_pod = get(objects, "Pod", "test-ping")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = container(test_pod)
@@ -241,6 +270,7 @@ def test_helm_test_pod_gets_pong_from_a_worker(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert '"pong"' in done.stdout
+    assert "redis: PONG" in done.stdout and "schema at" in done.stdout + done.stderr
 
 
 def test_beat_sends_the_schedule(early_beat: LocalPod, broker: RedisServer) -> None:
@@ -265,31 +295,137 @@ def test_beat_sends_the_schedule(early_beat: LocalPod, broker: RedisServer) -> N
     assert early_beat.stop(signal.SIGTERM, timeout=30) is not None
 
 
-def test_flower_answers_401_without_and_200_with_credentials(
-    objects: list[dict[str, Any]], pods: Any
-) -> None:
-    flower = pods(objects, "Deployment", "flower", FLOWER_PORT=str(free_port()))
-    c = flower.container
-    base = f"http://127.0.0.1:{flower.env['FLOWER_PORT']}"
-    live = c["livenessProbe"]["httpGet"]["path"]
-    deadline = time.monotonic() + 60
-    while http_status(base + live) != 200:
-        assert flower.proc.poll() is None, flower.output[-3000:]
-        assert time.monotonic() < deadline, flower.output[-3000:]
-        time.sleep(0.3)
+def flower_paths() -> list[str]:
+    """One concrete path per route of Flower's URL table (what a Prefix rule exposes)."""
+    from flower import urls
+    from tornado.web import URLSpec
 
+    out = []
+    for entry in urls.handlers:
+        pattern = entry.regex.pattern if isinstance(entry, URLSpec) else entry[0]
+        pattern = pattern.rstrip("$")
+        path = pattern.replace("(.+)", "x").replace("(.*)", "x").replace("/?", "")
+        out.append("/no-such-page" if path == ".*" else path)
+    return out
+
+
+def test_flower_guards_every_path_the_ingress_and_the_route_expose(
+    objects: list[dict[str, Any]], pods: Any, broker: RedisServer
+) -> None:
+    """Flower started as services/flower/run starts it: every path under the prefix that the
+    Ingress or the HTTPRoute sends to Flower answers 401 without credentials, whatever the
+    controller in front (Flower 2.2 alone leaves /metrics, /healthcheck, /static open)."""
+    flower = pods(objects, "Deployment", "flower", FLOWER_PORT=str(free_port()))
+    base = f"http://127.0.0.1:{flower.env['FLOWER_PORT']}"
+    flower.wait_probe("livenessProbe", timeout=60)
+    assert flower.exec_probe("readinessProbe").returncode == 0
+
+    route_values = merge(process_values(broker), VALUE_SETS["gateway-api"])
+    route = get(render_chart(route_values), "HTTPRoute", "flower")
     ingress = get(objects, "Ingress", "flower")
-    path = ingress["spec"]["rules"][0]["http"]["paths"][0]["path"]
+    prefixes = {
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["path"],
+        route["spec"]["rules"][0]["matches"][0]["path"]["value"],
+    }
+    assert prefixes == {"/flower"}
     secret = get(objects, "Secret", "flower-auth")
     user_password = base64.b64decode(secret["data"]["basic-auth"]).decode()
     user, password = user_password.split(":", 1)
     assert user == "admin" and len(password) >= 20
 
-    assert http_status(f"{base}{path}/workers") == 401
-    assert http_status(f"{base}{path}/workers", f"{user}:wrong-password") == 401
-    assert http_status(f"{base}{path}/workers", user_password) == 200
-    assert http_status(f"{base}{path}/tasks", user_password) == 200
-    # The authenticated readiness probe passes; with a wrong password it fails.
-    assert flower.exec_probe("readinessProbe").returncode == 0
+    paths = flower_paths()
+    assert {"/metrics", "/healthcheck", "/static/x", "/login", "/api/workers"} <= set(paths)
+    for prefix in prefixes:
+        for path in paths:
+            url = f"{base}{prefix}{path}"
+            assert http_status(url) == 401, f"{url} answers without credentials"
+            assert http_status(url, f"{user}:wrong-password") == 401, url
+            assert http_status(url, user_password) != 401, f"{url} refuses the right password"
+        for path in ("/", "/workers", "/tasks", "/metrics", "/healthcheck", "/api/workers"):
+            assert http_status(f"{base}{prefix}{path}", user_password) == 200, path
+    # The probes authenticate; with a wrong password they fail.
     flower.env["FLOWER_BASIC_AUTH"] = f"{user}:not-the-password"
     assert flower.exec_probe("readinessProbe").returncode != 0
+    assert flower.exec_probe("livenessProbe").returncode != 0
+
+
+def test_evaluation_install_helm_test_passes_against_the_in_chart_postgresql_wiring(
+    broker: RedisServer, pods: Any
+) -> None:
+    """No database given: the pods reach the chart's PostgreSQL with the generated password
+    (DATABASE_URL composed from $(DATABASE_PASSWORD)), the rendered probe commands pass, the
+    migrate Job migrates and the `helm test` pod passes. The server is the machine's
+    PostgreSQL (not the official image, which needs a container runtime) under a role and
+    database of the rendered names; only the Service's host name is moved to 127.0.0.1."""
+    from sqlalchemy import create_engine, text
+
+    from conftest import ADMIN_PG_URL
+
+    name = f"wh_eval_{secrets.token_hex(4)}"
+    values = merge(
+        process_values(broker),
+        {"database": {"url": ""}, "postgresql": {"auth": {"username": name, "database": name}}},
+    )
+    objects = render_chart(values)
+    sts = get(objects, "StatefulSet", "postgresql")
+    pg = container(sts)
+    password = base64.b64decode(get(objects, "Secret", "postgresql")["data"]["postgres-password"])
+    admin = create_engine(ADMIN_PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD '{password.decode()}'"))
+        conn.execute(text(f"CREATE DATABASE {name} OWNER {name}"))
+    try:
+        pg_env = process_env(container_env(objects, pg))
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            done = subprocess.run(
+                pg[probe]["exec"]["command"], env=pg_env, capture_output=True, text=True, timeout=30
+            )
+            assert done.returncode == 0, (probe, done.stdout, done.stderr)
+            down = subprocess.run(
+                pg[probe]["exec"]["command"],
+                env={**pg_env, "PGPORT": str(free_port())},  # nothing listens there
+                capture_output=True,
+                timeout=30,
+            )
+            assert down.returncode != 0, probe
+
+        def moved(c: dict[str, Any]) -> dict[str, str]:
+            env = container_env(objects, c)
+            assert (
+                f":{password.decode()}@waardhaven-tasks-postgresql:5432/{name}"
+                in (env["DATABASE_URL"])
+            )
+            return {
+                "DATABASE_URL": env["DATABASE_URL"].replace(
+                    "@waardhaven-tasks-postgresql:", "@127.0.0.1:"
+                )
+            }
+
+        job = container(get(objects, "Job", "migrate-1"))
+        job_env = process_env(container_env(objects, job), **moved(job))
+        migrated = subprocess.run(
+            argv_of(job, job_env),
+            cwd=REPO,
+            env=job_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+
+        worker = container(get(objects, "Deployment", "worker-low"))
+        pods(objects, "Deployment", "worker-low", METRICS_PORT="0", **moved(worker)).wait_probe(
+            "startupProbe", 90
+        )
+        test_pod = container(get(objects, "Pod", "test-ping"))
+        env = process_env(container_env(objects, test_pod), **moved(test_pod))
+        done = subprocess.run(
+            argv_of(test_pod, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '"pong"' in done.stdout
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+        admin.dispose()

@@ -98,6 +98,8 @@ PASSTHROUGH = {
     "resources",
     "ingressControllerFrom",
     "prometheusFrom",
+    "kedaOperatorFrom",
+    "databaseTo",
 }
 
 
@@ -122,6 +124,7 @@ def test_every_key_in_values_yaml_has_a_comment_above_it() -> None:
     assert not missing, "keys without a comment above them:\n" + "\n".join(missing)
 
 
-def test_default_values_alone_fail_with_what_to_set() -> None:
-    with pytest.raises(helm.HelmError, match=r"database\.url or database\.existingSecret"):
-        render_chart(minimal=False)
+def test_no_values_at_all_is_an_evaluation_install_with_its_own_postgresql() -> None:
+    objects = render_chart(minimal=False)
+    sts = {o["metadata"]["name"] for o in objects if o["kind"] == "StatefulSet"}
+    assert sts == {"waardhaven-tasks-redis", "waardhaven-tasks-postgresql"}

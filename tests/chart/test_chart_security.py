@@ -66,8 +66,8 @@ def test_every_container_has_requests_limits_and_probes(value_set: str) -> None:
             where = f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}"
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
             assert "memory" in c["resources"]["limits"], where
-            if obj["kind"] in {"Job", "Pod"}:
-                continue  # run-to-completion: nothing to probe
+            if obj["kind"] in {"Job", "Pod"} or c in pod_spec(obj).get("initContainers", []):
+                continue  # run-to-completion: nothing to probe (init containers cannot be)
             assert "livenessProbe" in c and "readinessProbe" in c, where
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chart_helpers import by_kind, container, env_of, get, names, render_chart
+from chart_helpers import by_kind, container, env_of, get, merge, names, render_chart
 from value_sets import VALUE_SETS
 
 DEPLOYMENT = ["templates/workers/worker-deployment.yaml"]
@@ -142,9 +142,16 @@ class TestWorkerHPA:
             )
 
 
+KEDA_API = ["keda.sh/v1alpha1"]
+
+
 class TestWorkerKeda:
-    def test_scaled_object_on_each_queue_length_instead_of_the_hpa(self) -> None:
-        objects = render_chart(VALUE_SETS["keda"], show_only=HPA + KEDA)
+    """KEDA's operator polls Redis from its own namespace, as it does in a real cluster."""
+
+    def test_operator_reaches_redis_by_its_full_name_with_the_password_from_the_secret(
+        self,
+    ) -> None:
+        objects = render_chart(VALUE_SETS["keda"], show_only=HPA + KEDA, namespace="shop")
         assert not by_kind(objects, "HorizontalPodAutoscaler")
         low = get(objects, "ScaledObject", "worker-low")
         assert low["spec"]["scaleTargetRef"]["name"] == "waardhaven-tasks-worker-low"
@@ -153,11 +160,87 @@ class TestWorkerKeda:
         assert [t["metadata"]["listName"] for t in triggers] == ["low_priority", "default"]
         for t in triggers:
             assert t["type"] == "redis"
-            assert t["metadata"]["address"] == "waardhaven-tasks-redis:6379"
-            assert t["metadata"]["passwordFromEnv"] == "REDIS_PASSWORD"
+            # The short Service name does not resolve from the operator's namespace.
+            assert t["metadata"]["address"] == "waardhaven-tasks-redis.shop.svc.cluster.local:6379"
+            assert "passwordFromEnv" not in t["metadata"]  # the operator has no such env
+            assert t["authenticationRef"] == {"name": "waardhaven-tasks-redis-auth"}
+        auth = get(objects, "TriggerAuthentication", "redis-auth")
+        assert auth["spec"]["secretTargetRef"] == [
+            {"parameter": "password", "name": "waardhaven-tasks-redis", "key": "redis-password"}
+        ]
+
+    def test_cluster_domain_is_a_value(self) -> None:
+        values = {**VALUE_SETS["keda"], "clusterDomain": "corp.internal"}
+        so = get(render_chart(values, show_only=KEDA), "ScaledObject", "worker-high")
+        address = so["spec"]["triggers"][0]["metadata"]["address"]
+        assert address == "waardhaven-tasks-redis.waardhaven.svc.corp.internal:6379"
+
+    def test_existing_secret_feeds_the_trigger_authentication(self) -> None:
+        values = merge(VALUE_SETS["keda"], VALUE_SETS["existing-secrets"])
+        auth = get(render_chart(values, show_only=KEDA), "TriggerAuthentication", "redis-auth")
+        assert auth["spec"]["secretTargetRef"][0] | {"parameter": "password"} == {
+            "parameter": "password",
+            "name": "wh-secrets",
+            "key": "redis",
+        }
+
+    def test_redis_network_policy_admits_the_keda_operator_only_when_keda_is_used(self) -> None:
+        np = ["templates/networkpolicies/redis-networkpolicy.yaml"]
+        with_keda = get(render_chart(VALUE_SETS["keda"], show_only=np), "NetworkPolicy", "redis")
+        rules = with_keda["spec"]["ingress"]
+        operator = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}},
+        }
+        assert [operator] in [r["from"] for r in rules]
+        assert all(r["ports"] == [{"port": 6379, "protocol": "TCP"}] for r in rules)
+        without = get(render_chart(show_only=np), "NetworkPolicy", "redis")
+        assert len(without["spec"]["ingress"]) == 1
+        # Another namespace selector (KEDA installed elsewhere) is a value.
+        peers = [{"namespaceSelector": {"matchLabels": {"team": "platform"}}}]
+        custom = render_chart(
+            merge(VALUE_SETS["keda"], {"networkPolicy": {"kedaOperatorFrom": peers}}),
+            show_only=np,
+        )
+        assert peers in [
+            r["from"] for r in get(custom, "NetworkPolicy", "redis")["spec"]["ingress"]
+        ]
+
+    def test_fallback_replicas_when_the_queues_cannot_be_read(self) -> None:
+        so = get(render_chart(VALUE_SETS["keda"], show_only=KEDA), "ScaledObject", "worker-high")
+        assert so["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 6}
+
+    def test_upgrade_from_the_hpa_transfers_its_ownership(self) -> None:
+        """The ScaledObject names the chart's HPA and asks KEDA to adopt it; without that,
+        KEDA's webhook refuses a ScaledObject for a Deployment another HPA already scales."""
+        before = render_chart(show_only=HPA)
+        after = render_chart(VALUE_SETS["keda"], show_only=KEDA)
+        for hpa in by_kind(before, "HorizontalPodAutoscaler"):
+            name = hpa["metadata"]["name"]
+            so = next(o for o in after if o["metadata"]["name"] == name)
+            assert so["metadata"]["annotations"] == {
+                "scaledobject.keda.sh/transfer-hpa-ownership": "true"
+            }
+            assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["name"] == name
+            assert so["spec"]["scaleTargetRef"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]
+
+    def test_a_pool_scales_on_the_sum_of_its_queues(self) -> None:
+        objects = render_chart(VALUE_SETS["keda"], show_only=KEDA)
+        low = get(objects, "ScaledObject", "worker-low")
+        names = [t["name"] for t in low["spec"]["triggers"]]
+        assert names == ["queue0", "queue1"]
+        assert low["spec"]["advanced"]["scalingModifiers"] == {
+            "formula": "queue0 + queue1",
+            "target": "20",
+            "metricType": "AverageValue",
+        }
+        # One queue: its own trigger target, no formula needed.
+        high = get(objects, "ScaledObject", "worker-high")
+        assert "scalingModifiers" not in high["spec"]["advanced"]
+        assert high["spec"]["triggers"][0]["metadata"]["listLength"] == "20"
 
     def test_external_tls_redis_reaches_the_trigger(self) -> None:
-        values = {**VALUE_SETS["keda"], **VALUE_SETS["external-redis"]}
+        values = merge(VALUE_SETS["keda"], VALUE_SETS["external-redis"])
         so = get(render_chart(values, show_only=KEDA), "ScaledObject", "worker-high")
         meta = so["spec"]["triggers"][0]["metadata"]
         assert meta["address"] == "redis.example.internal:6380"
@@ -177,7 +260,7 @@ class TestWorkerKeda:
         """The default (keda.enabled: auto): queue-length scaling where KEDA is installed,
         the CPU HPA elsewhere; both with the same 3..10 bounds and no replicas field."""
         paths = HPA + KEDA + DEPLOYMENT
-        with_keda = render_chart(show_only=paths, api_versions=["keda.sh/v1alpha1"])
+        with_keda = render_chart(show_only=paths, api_versions=KEDA_API)
         without = render_chart(show_only=paths)
         assert len(by_kind(with_keda, "ScaledObject")) == 2
         assert not by_kind(with_keda, "HorizontalPodAutoscaler")
@@ -186,14 +269,20 @@ class TestWorkerKeda:
         for objects in (with_keda, without):
             assert all("replicas" not in d["spec"] for d in by_kind(objects, "Deployment"))
 
-    def test_autoscaling_off_means_fixed_replicas_even_with_keda_served(self) -> None:
-        values = {"workerDefaults": {"autoscaling": {"enabled": False}, "replicas": 4}}
-        objects = render_chart(
-            values, show_only=HPA + KEDA + DEPLOYMENT, api_versions=["keda.sh/v1alpha1"]
-        )
-        assert not by_kind(objects, "ScaledObject") and not by_kind(
-            objects, "HorizontalPodAutoscaler"
-        )
+    @pytest.mark.parametrize("keda", [True, "auto", False])
+    def test_autoscaling_off_means_fixed_replicas_whatever_keda_says(self, keda: Any) -> None:
+        """As values.yaml documents: keda.enabled picks the autoscaler, autoscaling.enabled
+        false turns autoscaling off, even with keda.enabled true and KEDA served."""
+        values = {
+            "workerDefaults": {
+                "autoscaling": {"enabled": False},
+                "replicas": 4,
+                "keda": {"enabled": keda},
+            }
+        }
+        objects = render_chart(values, show_only=HPA + KEDA + DEPLOYMENT, api_versions=KEDA_API)
+        assert not by_kind(objects, "ScaledObject")
+        assert not by_kind(objects, "HorizontalPodAutoscaler")
         assert {d["spec"]["replicas"] for d in by_kind(objects, "Deployment")} == {4}
 
 

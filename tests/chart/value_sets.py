@@ -10,6 +10,89 @@ EXISTING_SECRETS: dict[str, Any] = {
     "flower": {"auth": {"existingSecret": "wh-flower"}},
 }
 
+GITOPS: dict[str, Any] = {
+    "redis": {"auth": {"password": "redis-gitops-0123456789"}},
+    "flower": {
+        "auth": {
+            "password": "flower-gitops-0123456789",
+            # The htpasswd line of that password, computed once (bcrypt is salted).
+            "htpasswd": "admin:$2a$10$ywnGZaDk0c/f6YrG75yjH.otSJuE00x4RJ.ghxsU5V5ltDwCjuaB2",
+        }
+    },
+}
+
+_PLACEMENT: dict[str, Any] = {
+    "nodeSelector": {"pool": "tasks"},
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "tasks", "effect": "NoSchedule"}
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["tasks"]}]}
+                ]
+            }
+        }
+    },
+    "priorityClassName": "tasks-critical",
+}
+_EXTRAS: dict[str, Any] = {
+    "extraVolumes": [{"name": "ca", "configMap": {"name": "corp-ca"}}],
+    "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
+    "extraContainers": [
+        {
+            "name": "sidecar",
+            "image": "registry.example/sidecar:1.0",
+            "resources": {
+                "requests": {"cpu": "10m", "memory": "16Mi"},
+                "limits": {"memory": "32Mi"},
+            },
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "readOnlyRootFilesystem": True,
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            "livenessProbe": {"exec": {"command": ["true"]}},
+            "readinessProbe": {"exec": {"command": ["true"]}},
+        }
+    ],
+    "initContainers": [
+        {
+            "name": "init-extra",
+            "image": "registry.example/init:1.0",
+            "resources": {
+                "requests": {"cpu": "10m", "memory": "16Mi"},
+                "limits": {"memory": "32Mi"},
+            },
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "readOnlyRootFilesystem": True,
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }
+    ],
+}
+SCHEDULING: dict[str, Any] = {
+    "database": {"url": "", "migrate": _PLACEMENT},
+    "postgresql": _PLACEMENT,
+    "redis": _PLACEMENT,
+    "tests": _PLACEMENT,
+    "workerDefaults": {**_PLACEMENT, **_EXTRAS},
+    "beat": {**_PLACEMENT, **_EXTRAS},
+    "flower": {**_PLACEMENT, **_EXTRAS},
+    "exporter": {**_PLACEMENT, **_EXTRAS},
+    "commonAnnotations": {"example.com/owner": "tasks-team"},
+}
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "external-redis": {
@@ -27,8 +110,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "redis": {"enabled": False},
         "externalRedis": {"host": "10.0.0.5", "password": "ext-redis-pw-123456"},
     },
-    "keda": {
-        "workerDefaults": {"autoscaling": {"enabled": False}, "keda": {"enabled": True}},
+    "keda": {"workerDefaults": {"keda": {"enabled": True}}},
+    # KEDA with a managed TLS Redis: the trigger's address is the external host as given.
+    "keda-external-redis": {
+        "workerDefaults": {"keda": {"enabled": True}},
+        "redis": {"enabled": False},
+        "externalRedis": {"host": "redis.example.internal", "existingSecret": "managed-redis"},
     },
     "flower-off": {"flower": {"enabled": False}},
     "third-queue": {
@@ -39,11 +126,32 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "flower": {
             "ingress": {
                 "host": "flower.example.com",
-                "tls": [{"secretName": "flower-tls", "hosts": ["flower.example.com"]}],
-                "annotations": {"cert-manager.io/cluster-issuer": "letsencrypt"},
+                "certManager": {"clusterIssuer": "letsencrypt"},
             }
         }
     },
+    # Another controller (no nginx annotations) and the Gateway API.
+    "other-ingress-class": {
+        "flower": {
+            "ingress": {"className": "traefik", "nginxBasicAuth": False, "host": "f.example"}
+        }
+    },
+    "gateway-api": {
+        "flower": {
+            "ingress": {"enabled": False},
+            "httpRoute": {
+                "enabled": True,
+                "parentRefs": [{"name": "public", "namespace": "gateway", "sectionName": "https"}],
+                "hostnames": ["flower.example.com"],
+            },
+        }
+    },
+    # `helm install` with no database: the in-chart evaluation PostgreSQL.
+    "evaluation-postgresql": {"database": {"url": ""}},
+    # GitOps (`helm template`): every credential given, so two renders are identical.
+    "gitops": GITOPS,
+    # Tainted nodes: every pod the chart makes carries the scheduling fields.
+    "scheduling": SCHEDULING,
     "no-autoscaling": {"workerDefaults": {"autoscaling": {"enabled": False}, "replicas": 2}},
     "monitoring-forced": {"serviceMonitor": {"force": True}, "prometheusRule": {"force": True}},
     "minimal-features": {
@@ -53,7 +161,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "dashboards": {"enabled": False},
         "beat": {"enabled": False},
         "tests": {"enabled": False},
-        "database": {"migrate": False},
+        "database": {"migrate": {"enabled": False}},
         "serviceAccount": {"create": False, "name": "existing-sa"},
         "redis": {"persistence": {"enabled": False}},
     },

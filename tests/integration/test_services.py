@@ -45,7 +45,10 @@ def test_flower_requires_credentials(start_service: Any, migrated_db: str) -> No
     assert http_status(base + "/", "ops:wrong") == 401
     assert http_status(base + "/", "ops:s3cret-pass") == 200
     assert http_status(base + "/api/workers", "ops:s3cret-pass") == 200
-    assert http_status(base + "/healthcheck") == 200  # the probe needs no credentials
+    # Every path needs the credentials (services/flower/guard.py), the probes' too.
+    for path in ("/healthcheck", "/metrics", "/static/css/bootstrap.min.css"):
+        assert http_status(base + path) == 401, path
+    assert http_status(base + "/healthcheck", "ops:s3cret-pass") == 200
     healthcheck = subprocess.run(
         [str(REPO / "services/flower/healthcheck")], env=flower.env, capture_output=True
     )

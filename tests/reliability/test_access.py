@@ -148,7 +148,7 @@ def test_flower_needs_credentials_directly_and_through_nginx(
     try:
         direct = f"http://127.0.0.1:{flower_port}/flower"
         ingress = f"http://127.0.0.1:{nginx_port}/flower"
-        wait_until(lambda: status(direct + "/healthcheck")[0] == 200, 60, 0.2, "Flower")
+        wait_until(lambda: status(direct + "/healthcheck", basic_auth)[0] == 200, 60, 0.2, "Flower")
         wait_until(lambda: status(ingress + "/")[0] != 0, 20, 0.1, "nginx")
         user, password = basic_auth.split(":", 1)
         checks = {
@@ -222,7 +222,12 @@ def test_secrets_never_appear_in_the_logs(
         **env,
     )
     base = f"http://127.0.0.1:{flower_port}"
-    wait_until(lambda: status(base + "/healthcheck")[0] == 200, 60, 0.2, "Flower")
+    wait_until(
+        lambda: status(base + "/healthcheck", f"{USER}:{flower_password}")[0] == 200,
+        60,
+        0.2,
+        "Flower",
+    )
     # Work that logs: successes, a validation failure with its traceback, a crash.
     assert app.send_task("ping").get(timeout=30) == "pong"
     assert app.send_task("cleanup_old_data").get(timeout=60)["cutoff"]

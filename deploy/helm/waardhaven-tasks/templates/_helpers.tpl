@@ -94,6 +94,29 @@ REDIS_PASSWORD
 {{- end -}}
 {{- end -}}
 
+{{/* The full DNS name, for callers from other namespaces (KEDA's operator). */}}
+{{- define "waardhaven-tasks.redis.address" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "%s.%s.svc.%s:6379" (include "waardhaven-tasks.redis.fullname" .) .Release.Namespace .Values.clusterDomain -}}
+{{- else -}}
+{{- printf "%s:%v" .Values.externalRedis.host .Values.externalRedis.port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The in-chart Redis password ("" with an existing Secret or an external Redis). */}}
+{{- define "waardhaven-tasks.redis.password" -}}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) -}}
+{{- include "waardhaven-tasks.credential" (dict "ctx" . "secret" (include "waardhaven-tasks.redis.fullname" .) "key" "redis-password" "given" .Values.redis.auth.password "length" 32 "values" "redis.auth.password or redis.auth.existingSecret") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A Redis probe command: healthy only when the reply is PONG (or matches the given extra
+shell pattern, e.g. "LOADING*"); the reply is printed for the pod's events otherwise. */}}
+{{- define "waardhaven-tasks.redis.probe" -}}
+{{- $ok := ternary "PONG" (printf "PONG|%s" .) (eq . "") -}}
+{{- list "sh" "-c" (printf "reply=\"$(redis-cli ping 2>&1)\"; case \"$reply\" in %s) exit 0 ;; esac; echo \"$reply\"; exit 1" $ok) | toJson -}}
+{{- end -}}
+
 {{- define "waardhaven-tasks.redis.port" -}}
 {{- ternary 6379 .Values.externalRedis.port .Values.redis.enabled -}}
 {{- end -}}
@@ -104,6 +127,62 @@ REDIS_PASSWORD
 {{- $auth := ternary ":$(REDIS_PASSWORD)@" "" (ne (include "waardhaven-tasks.redis.secretName" .) "") -}}
 {{- $db := ternary 0 .Values.externalRedis.db .Values.redis.enabled -}}
 {{- printf "%s://%s%s:%v/%v" $scheme $auth (include "waardhaven-tasks.redis.host" .) (include "waardhaven-tasks.redis.port" .) $db -}}
+{{- end -}}
+
+{{/* Credentials ------------------------------------------------------------------------ */}}
+
+{{/*
+A generated credential, never silently replaced: the given value; else the one the Secret
+already holds (lookup, so an upgrade keeps it); else, at install, a new random one. An upgrade
+that cannot read it back (no cluster access, or the Secret is gone) fails and names the values
+to set, as Bitnami's common.secrets.passwords.manage does. Cached per render in .Values, so
+the Secret and every checksum of one render see the same value.
+(dict "ctx" $ "secret" name "key" key "given" value "length" n "values" "what to set")
+*/}}
+{{- define "waardhaven-tasks.credential" -}}
+{{- if not (hasKey .ctx.Values "__credentials") -}}
+{{- $_ := set .ctx.Values "__credentials" dict -}}
+{{- end -}}
+{{- $cache := get .ctx.Values "__credentials" -}}
+{{- $id := printf "%s/%s" .secret .key -}}
+{{- if not (hasKey $cache $id) -}}
+{{- $value := .given -}}
+{{- if not $value -}}
+{{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .secret -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- $value = index $existing.data .key | b64dec -}}
+{{- else if .ctx.Release.IsUpgrade -}}
+{{- fail (printf "upgrade: the generated %s of Secret %s cannot be read back (no cluster access, e.g. helm template, or the Secret is gone); set %s to keep the current one instead of generating a new one" .key .secret .values) -}}
+{{- else -}}
+{{- $value = randAlphaNum (int .length) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cache $id $value -}}
+{{- end -}}
+{{- get $cache $id -}}
+{{- end -}}
+
+{{/* The in-chart evaluation PostgreSQL runs when no database is given. */}}
+{{- define "waardhaven-tasks.postgresql.enabled" -}}
+{{- if not (or .Values.database.url .Values.database.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "waardhaven-tasks.fullname" .) -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.postgresql.secretName" -}}
+{{- default (include "waardhaven-tasks.postgresql.fullname" .) .Values.postgresql.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.postgresql.secretKey" -}}
+{{- ternary .Values.postgresql.auth.existingSecretPasswordKey "postgres-password" (ne .Values.postgresql.auth.existingSecret "") -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.postgresql.password" -}}
+{{- if and (include "waardhaven-tasks.postgresql.enabled" .) (not .Values.postgresql.auth.existingSecret) -}}
+{{- include "waardhaven-tasks.credential" (dict "ctx" . "secret" (include "waardhaven-tasks.postgresql.fullname" .) "key" "postgres-password" "given" .Values.postgresql.auth.password "length" 32 "values" "postgresql.auth.password or postgresql.auth.existingSecret") -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The chart's own Secret (DATABASE_URL, secretEnv, external Redis password): rendered? */}}
@@ -135,11 +214,21 @@ REDIS_PASSWORD: {{ .Values.externalRedis.password | b64enc | quote }}
 {{- end }}
 - name: REDIS_URL
   value: {{ include "waardhaven-tasks.redis.url" . | quote }}
+{{- if include "waardhaven-tasks.postgresql.enabled" . }}
+- name: DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "waardhaven-tasks.postgresql.secretName" . }}
+      key: {{ include "waardhaven-tasks.postgresql.secretKey" . }}
+- name: DATABASE_URL
+  value: {{ printf "postgresql+psycopg2://%s:$(DATABASE_PASSWORD)@%s:5432/%s" .Values.postgresql.auth.username (include "waardhaven-tasks.postgresql.fullname" .) .Values.postgresql.auth.database | quote }}
+{{- else }}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ default (include "waardhaven-tasks.fullname" .) .Values.database.existingSecret }}
       key: {{ ternary .Values.database.existingSecretKey "DATABASE_URL" (ne .Values.database.existingSecret "") }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -157,13 +246,29 @@ REDIS_PASSWORD: {{ .Values.externalRedis.password | b64enc | quote }}
 {{- end }}
 {{- end -}}
 
-{{/* Pod annotations: roll pods when the ConfigMap or the chart's Secret changes. */}}
+{{/* Pod annotations: roll pods when the ConfigMap, the chart's Secret or a generated or given
+credential they use (Redis, PostgreSQL) changes. Existing Secrets are the user's to roll. */}}
 {{- define "waardhaven-tasks.podAnnotations" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
 checksum/secret: {{ include "waardhaven-tasks.secret.data" . | sha256sum }}
+checksum/credentials: {{ printf "%s/%s" (include "waardhaven-tasks.redis.password" .) (include "waardhaven-tasks.postgresql.password" .) | sha256sum }}
+{{- include "waardhaven-tasks.extraPodAnnotations" . }}
+{{- end -}}
+
+{{/* commonAnnotations and podAnnotations: on every pod the chart makes. */}}
+{{- define "waardhaven-tasks.extraPodAnnotations" -}}
+{{- with .Values.commonAnnotations }}
+{{ toYaml . }}
+{{- end }}
 {{- with .Values.podAnnotations }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/* Prometheus Operator monitors rendered? Then pods get no prometheus.io/* annotations
+(a Prometheus that reads both would scrape twice). */}}
+{{- define "waardhaven-tasks.monitors" -}}
+{{- if and .Values.serviceMonitor.enabled (or .Values.serviceMonitor.force (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) -}}true{{- end -}}
 {{- end -}}
 
 {{/* Pod spec fields shared by every pod. */}}
@@ -173,9 +278,56 @@ automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountT
 enableServiceLinks: false
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
-{{- with .Values.imagePullSecrets }}
+{{- with concat .Values.imagePullSecrets ((.Values.global).imagePullSecrets | default list) | uniq }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Scheduling fields of a pod from a component's values: (dict "v" values "affinity" default) */}}
+{{- define "waardhaven-tasks.scheduling" -}}
+{{- with .v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- if .v.affinity }}
+affinity:
+  {{- toYaml .v.affinity | nindent 2 }}
+{{- else if .affinity }}
+affinity:
+  {{- .affinity | nindent 2 }}
+{{- end }}
+{{- with .v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The wait-for-migrations init container (workers, beat): new code never starts on the old
+schema. The migrate Job of the same revision brings the schema to head. */}}
+{{- define "waardhaven-tasks.waitForMigrations" -}}
+{{- if and .Values.database.migrate.enabled .Values.database.migrate.waitForMigrations }}
+- name: wait-for-migrations
+  image: {{ include "waardhaven-tasks.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: [waardhaven-tasks, wait-for-migrations, --timeout, {{ .Values.database.migrate.waitTimeout | quote }}]
+  env:
+    {{- include "waardhaven-tasks.env" . | nindent 4 }}
+  envFrom:
+    {{- include "waardhaven-tasks.envFrom" . | nindent 4 }}
+  resources:
+    {{- toYaml .Values.database.migrate.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    {{- include "waardhaven-tasks.tmpMount" . | nindent 4 }}
 {{- end }}
 {{- end -}}
 
@@ -230,12 +382,11 @@ length drains a backlog sooner than CPU for the same pod-minutes), else the CPU 
 {{- $keda := toString $out.keda.enabled -}}
 {{- $kedaServed := .ctx.Capabilities.APIVersions.Has "keda.sh/v1alpha1" -}}
 {{- $scaler := "" -}}
-{{- if eq $keda "true" -}}
-{{- $scaler = "keda" -}}
-{{- else if and $out.autoscaling.enabled (eq $keda "auto") $kedaServed -}}
-{{- $scaler = "keda" -}}
-{{- else if $out.autoscaling.enabled -}}
+{{- if $out.autoscaling.enabled -}}
 {{- $scaler = "hpa" -}}
+{{- if or (eq $keda "true") (and (eq $keda "auto") $kedaServed) -}}
+{{- $scaler = "keda" -}}
+{{- end -}}
 {{- end -}}
 {{- $_ := set $out "scaler" $scaler -}}
 {{- toJson $out -}}
@@ -245,6 +396,10 @@ length drains a backlog sooner than CPU for the same pod-minutes), else the CPU 
 
 {{- define "waardhaven-tasks.flower.secretName" -}}
 {{- default (printf "%s-flower-auth" (include "waardhaven-tasks.fullname" .)) .Values.flower.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.flower.password" -}}
+{{- include "waardhaven-tasks.credential" (dict "ctx" . "secret" (printf "%s-flower-auth" (include "waardhaven-tasks.fullname" .)) "key" "password" "given" .Values.flower.auth.password "length" 24 "values" "flower.auth.password (and flower.auth.htpasswd) or flower.auth.existingSecret") -}}
 {{- end -}}
 
 {{- define "waardhaven-tasks.flower.path" -}}
