@@ -212,8 +212,12 @@ REDIS_PASSWORD: {{ .Values.externalRedis.password | b64enc | quote }}
       name: {{ $redisSecret }}
       key: {{ include "waardhaven-tasks.redis.secretKey" . }}
 {{- end }}
+{{- if include "waardhaven-tasks.redis.sentinelMode" . }}
+{{ include "waardhaven-tasks.redis.sentinelEnv" . }}
+{{- else }}
 - name: REDIS_URL
   value: {{ include "waardhaven-tasks.redis.url" . | quote }}
+{{- end }}
 {{- if include "waardhaven-tasks.postgresql.enabled" . }}
 - name: DATABASE_PASSWORD
   valueFrom:
@@ -251,7 +255,7 @@ credential they use (Redis, PostgreSQL) changes. Existing Secrets are the user's
 {{- define "waardhaven-tasks.podAnnotations" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
 checksum/secret: {{ include "waardhaven-tasks.secret.data" . | sha256sum }}
-checksum/credentials: {{ printf "%s/%s" (include "waardhaven-tasks.redis.password" .) (include "waardhaven-tasks.postgresql.password" .) | sha256sum }}
+checksum/credentials: {{ printf "%s/%s/%s" (include "waardhaven-tasks.redis.password" .) (include "waardhaven-tasks.postgresql.password" .) (include "waardhaven-tasks.redis.sentinelPassword" .) | sha256sum }}
 {{- include "waardhaven-tasks.extraPodAnnotations" . }}
 {{- end -}}
 
@@ -537,4 +541,72 @@ checksum/signing: {{ printf "%s/%s" (include "waardhaven-tasks.signing.pair" .) 
 {{- $entries = append $entries (dict "name" "helm-test" "sha256" (sha256sum .) "permissions" (dict "ping" (list "submit" "read"))) -}}
 {{- end -}}
 {{- dict "tokens" $entries | toPrettyJson -}}
+{{- end -}}
+
+{{/* Redis Sentinel ----------------------------------------------------------------------- */}}
+
+{{/* Sentinel mode: the in-chart Redis with redis.sentinel, or externalRedis.sentinel. */}}
+{{- define "waardhaven-tasks.redis.sentinelMode" -}}
+{{- if .Values.redis.enabled -}}
+{{- if .Values.redis.sentinel.enabled }}true{{ end -}}
+{{- else if .Values.externalRedis.sentinel.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* FQDN of in-chart Redis pod i: (dict "ctx" $ "i" i) */}}
+{{- define "waardhaven-tasks.redis.podHost" -}}
+{{- $full := include "waardhaven-tasks.redis.fullname" .ctx -}}
+{{- printf "%s-%d.%s-headless.%s.svc.%s" $full (int .i) $full .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* The Sentinels, host:port,... (REDIS_SENTINELS). */}}
+{{- define "waardhaven-tasks.redis.sentinels" -}}
+{{- if .Values.redis.enabled -}}
+{{- $out := list -}}
+{{- range $i := until (int .Values.redis.sentinel.replicas) -}}
+{{- $out = append $out (printf "%s:26379" (include "waardhaven-tasks.redis.podHost" (dict "ctx" $ "i" $i))) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- else -}}
+{{- join "," .Values.externalRedis.sentinel.hosts -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.redis.sentinelMaster" -}}
+{{- ternary .Values.redis.sentinel.masterName .Values.externalRedis.sentinel.masterName .Values.redis.enabled -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.redis.sentinelSecretName" -}}
+{{- if .Values.redis.enabled -}}
+{{- default (printf "%s-sentinel" (include "waardhaven-tasks.redis.fullname" .)) .Values.redis.sentinel.auth.existingSecret -}}
+{{- else -}}
+{{- .Values.externalRedis.sentinel.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.redis.sentinelSecretKey" -}}
+{{- if .Values.redis.enabled -}}
+{{- ternary .Values.redis.sentinel.auth.existingSecretPasswordKey "sentinel-password" (ne .Values.redis.sentinel.auth.existingSecret "") -}}
+{{- else -}}
+{{- .Values.externalRedis.sentinel.existingSecretPasswordKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The generated in-chart Sentinel password ("" otherwise). */}}
+{{- define "waardhaven-tasks.redis.sentinelPassword" -}}
+{{- if and .Values.redis.enabled .Values.redis.sentinel.enabled (not .Values.redis.sentinel.auth.existingSecret) -}}
+{{- include "waardhaven-tasks.credential" (dict "ctx" . "secret" (printf "%s-sentinel" (include "waardhaven-tasks.redis.fullname" .)) "key" "sentinel-password" "given" .Values.redis.sentinel.auth.password "length" 32 "values" "redis.sentinel.auth.password or redis.sentinel.auth.existingSecret") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Sentinel mode env (instead of REDIS_URL; settings refuse both). */}}
+{{- define "waardhaven-tasks.redis.sentinelEnv" -}}
+- name: REDIS_SENTINELS
+  value: {{ include "waardhaven-tasks.redis.sentinels" . | quote }}
+- name: REDIS_SENTINEL_MASTER
+  value: {{ include "waardhaven-tasks.redis.sentinelMaster" . | quote }}
+- name: REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "waardhaven-tasks.redis.sentinelSecretName" . }}
+      key: {{ include "waardhaven-tasks.redis.sentinelSecretKey" . }}
 {{- end -}}
