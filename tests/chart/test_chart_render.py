@@ -45,7 +45,11 @@ EXPECTED = {
         "Pod": 1,
     },
     "external-redis": {"StatefulSet": 0, "Secret": 6, "NetworkPolicy": 6},
-    "keda": {"HorizontalPodAutoscaler": 1, "ScaledObject": 2, "TriggerAuthentication": 1},  # the API HPA
+    "keda": {
+        "HorizontalPodAutoscaler": 1,
+        "ScaledObject": 2,
+        "TriggerAuthentication": 1,
+    },  # the API HPA
     "keda-external-redis": {"ScaledObject": 2, "TriggerAuthentication": 1, "StatefulSet": 0},
     "evaluation-postgresql": {"StatefulSet": 2, "Secret": 7, "NetworkPolicy": 8},
     "gateway-api": {"Ingress": 0, "HTTPRoute": 1},

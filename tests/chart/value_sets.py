@@ -214,7 +214,9 @@ VALUE_SETS |= {
     "signing-rotation": {
         "signing": {
             "existingSecret": "wh-signing",
-            "extraCertificates": {"next": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"},
+            "extraCertificates": {
+                "next": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+            },
         }
     },
     "sentinel": {"redis": {"sentinel": {"enabled": True}}},
@@ -228,7 +230,10 @@ VALUE_SETS |= {
             "existingSecret": "managed-redis",
             "sentinel": {
                 "enabled": True,
-                "hosts": ["redis-node-0.redis-headless.data:26379", "redis-node-1.redis-headless.data:26379"],
+                "hosts": [
+                    "redis-node-0.redis-headless.data:26379",
+                    "redis-node-1.redis-headless.data:26379",
+                ],
                 "masterName": "prod",
                 "existingSecret": "managed-redis",
             },
