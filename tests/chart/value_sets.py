@@ -95,6 +95,7 @@ SCHEDULING: dict[str, Any] = {
     "beat": {**_PLACEMENT, **_EXTRAS},
     "flower": {**_PLACEMENT, **_EXTRAS},
     "exporter": {**_PLACEMENT, **_EXTRAS},
+    "api": {**_PLACEMENT, **_EXTRAS},
     "commonAnnotations": {"example.com/owner": "tasks-team"},
 }
 
