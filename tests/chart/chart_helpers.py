@@ -306,7 +306,7 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                         "required": ["type", "metadata"],
                         "additionalProperties": False,
                         "properties": {
-                            "type": {"const": "redis"},
+                            "type": {"enum": ["redis", "redis-sentinel"]},
                             "name": {"type": "string", "pattern": "^[a-z][a-z0-9]*$"},
                             "authenticationRef": {
                                 "type": "object",
@@ -317,7 +317,7 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             # KEDA's trigger metadata is a map of strings.
                             "metadata": {
                                 "type": "object",
-                                "required": ["address", "listName", "listLength"],
+                                "required": ["listName", "listLength"],
                                 "additionalProperties": {"type": "string"},
                             },
                         },

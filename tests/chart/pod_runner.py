@@ -111,6 +111,56 @@ def argv_of(container: dict[str, Any], env: dict[str, str], wrap: bool = True) -
     return args
 
 
+def _volume_files(objects: list[dict[str, Any]], volume: dict[str, Any]) -> dict[str, str] | None:
+    """The files a secret, configMap or projected volume shows (None: another kind)."""
+
+    def one(kind: str, name: str, items: list[dict[str, str]] | None) -> dict[str, str]:
+        data = _source(objects, kind, name)
+        if items is None:
+            return data
+        return {i["path"]: data[i["key"]] for i in items}
+
+    if "secret" in volume:
+        return one("Secret", volume["secret"]["secretName"], volume["secret"].get("items"))
+    if "configMap" in volume:
+        return one("ConfigMap", volume["configMap"]["name"], volume["configMap"].get("items"))
+    if "projected" in volume:
+        files: dict[str, str] = {}
+        for src in volume["projected"]["sources"]:
+            kind, ref = (
+                ("Secret", src["secret"]) if "secret" in src else ("ConfigMap", src["configMap"])
+            )
+            files |= one(kind, ref["name"], ref.get("items"))
+        return files
+    return None
+
+
+def local_mounts(
+    objects: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any], root: Path
+) -> dict[str, str]:
+    """Write the container's Secret/ConfigMap mounts under root, as the kubelet mounts them
+    (a directory per volume, one file per key). Returns mountPath -> local directory."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    out: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        files = _volume_files(objects, volumes[mount["name"]])
+        if files is None:
+            continue
+        directory = root / mount["name"]
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (directory / name).write_text(text)
+        out[mount["mountPath"]] = str(directory)
+    return out
+
+
+def relocate(text: str, mounts: dict[str, str]) -> str:
+    """A path under a mountPath, moved to the local copy (only paths change)."""
+    for path, local in mounts.items():
+        text = text.replace(path, local)
+    return text
+
+
 class LocalPod:
     """One container of a rendered pod as a local process (cwd = repo root = the image's /app)."""
 
@@ -119,11 +169,19 @@ class LocalPod:
         objects: list[dict[str, Any]],
         container: dict[str, Any],
         log_path: Path,
+        pod: dict[str, Any] | None = None,
         **overrides: str,
     ) -> None:
+        """pod: the pod spec; its Secret/ConfigMap mounts are written next to log_path."""
         self.container = container
-        self.env = process_env(container_env(objects, container), **overrides)
-        self.argv = argv_of(container, self.env)
+        mounts = (
+            local_mounts(objects, pod, container, log_path.parent / f"{log_path.stem}-mounts")
+            if pod
+            else {}
+        )
+        env = {k: relocate(v, mounts) for k, v in container_env(objects, container).items()}
+        self.env = process_env(env, **overrides)
+        self.argv = [relocate(a, mounts) for a in argv_of(container, self.env)]
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(

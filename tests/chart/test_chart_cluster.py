@@ -85,12 +85,28 @@ def test_renders_as_a_subchart_with_global_values(tmp_path: Path) -> None:
     [
         ({}, "set redis.auth.password or redis.auth.existingSecret"),
         (
-            {"redis": {"auth": {"password": "redis-given-0123456789"}}},
+            {
+                "redis": {"auth": {"password": "redis-given-0123456789"}},
+                "signing": {"existingSecret": "wh-signing"},
+                "api": {"tokens": {"existingSecret": "wh-api-tokens"}},
+            },
             "set flower.auth.password (and flower.auth.htpasswd) or flower.auth.existingSecret",
         ),
         (
             {**VALUE_SETS["gitops"], "database": {"url": ""}},
             "set postgresql.auth.password or postgresql.auth.existingSecret",
+        ),
+        (
+            {**VALUE_SETS["gitops"], "api": {"tokens": {"existingSecret": ""}}},
+            "set api.tokens.entries (or api.tokens.existingSecret)",
+        ),
+        (
+            {**VALUE_SETS["gitops"], "signing": {"existingSecret": ""}},
+            "set signing.existingSecret",
+        ),
+        (
+            merge(VALUE_SETS["gitops"], {"redis": {"sentinel": {"enabled": True}}}),
+            "set redis.sentinel.auth.password or redis.sentinel.auth.existingSecret",
         ),
     ],
 )
@@ -162,6 +178,7 @@ USES_REDIS = {
     "Deployment/waardhaven-tasks-beat",
     "Deployment/waardhaven-tasks-flower",
     "Deployment/waardhaven-tasks-exporter",
+    "Deployment/waardhaven-tasks-api",
     "StatefulSet/waardhaven-tasks-redis",
 }
 
@@ -283,7 +300,7 @@ def test_every_pod_the_chart_makes_carries_the_scheduling_fields() -> None:
 
 def test_extra_volumes_containers_and_init_containers_per_workload() -> None:
     objects = render_chart(SCHEDULING)
-    for name in ("worker-high", "worker-low", "beat", "flower", "exporter"):
+    for name in ("worker-high", "worker-low", "beat", "flower", "exporter", "api"):
         spec = pod_spec(get(objects, "Deployment", name))
         assert {"name": "ca", "configMap": {"name": "corp-ca"}} in spec["volumes"], name
         main = spec["containers"][0]
@@ -310,6 +327,7 @@ def test_scrape_annotations_only_without_the_prometheus_operator() -> None:
         "waardhaven-tasks-worker-high",
         "waardhaven-tasks-worker-low",
         "waardhaven-tasks-exporter",
+        "waardhaven-tasks-api",
     }
     assert scraped(render_chart(api_versions=[MONITORING_API])) == set()
     assert scraped(render_chart(VALUE_SETS["monitoring-forced"])) == set()

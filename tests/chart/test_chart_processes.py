@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from chart_helpers import REPO, container, get, merge, pod_spec, render_chart
-from pod_runner import LocalPod, argv_of, container_env, process_env
+from pod_runner import LocalPod, argv_of, container_env, local_mounts, process_env, relocate
 from value_sets import VALUE_SETS
 
 from conftest import RedisServer, create_database, free_port, http_status
@@ -92,7 +92,13 @@ def early_beat(
     beat_objects = render_chart(merge(process_values(broker), {"externalRedis": {"db": 1}}))
     tmp = tmp_path_factory.mktemp("beat")
     beat = container(get(beat_objects, "Deployment", "beat"))
-    pod = LocalPod(beat_objects, beat, tmp / "beat.log", HEALTH_DIR=str(tmp / "health"))
+    pod = LocalPod(
+        beat_objects,
+        beat,
+        tmp / "beat.log",
+        pod_spec(get(beat_objects, "Deployment", "beat")),
+        HEALTH_DIR=str(tmp / "health"),
+    )
     yield pod
     pod.stop(signal.SIGKILL)
 
@@ -108,12 +114,24 @@ def redis(broker: RedisServer) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def celery_client(broker: RedisServer) -> Any:
-    """A Celery app of our own on the module's broker (the test process submits with it)."""
+def celery_client(
+    broker: RedisServer, objects: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    """A Celery app of our own on the module's broker (the test process submits with it),
+    signing with the key the chart generated, as every sender in the release does."""
     from tasks.celery_app import create_app
     from tasks.settings import Settings
 
-    return create_app(Settings(redis_url=broker.url))
+    worker = get(objects, "Deployment", "worker-high")
+    mounts = local_mounts(
+        objects, pod_spec(worker), container(worker), tmp_path_factory.mktemp("signing")
+    )
+    env = container_env(objects, container(worker))
+    signing = {
+        k.lower(): relocate(env[k], mounts)
+        for k in ("TASK_SIGNING_KEY", "TASK_SIGNING_CERT", "TASK_SIGNING_CERT_STORE")
+    }
+    return create_app(Settings(redis_url=broker.url, task_signing=True, **signing))
 
 
 @pytest.fixture
@@ -124,13 +142,34 @@ def pods(tmp_path: Path) -> Iterator[Any]:
         obj = get(objects, kind, name)
         c = container(obj)
         overrides.setdefault("HEALTH_DIR", str(tmp_path / "health" / name))
-        pod = LocalPod(objects, c, tmp_path / f"{name}.log", **overrides)
+        pod = LocalPod(objects, c, tmp_path / f"{name}.log", pod_spec(obj), **overrides)
         started.append(pod)
         return pod
 
     yield start
     for pod in started:
         pod.stop(signal.SIGKILL)
+
+
+def run_helm_test(
+    objects: list[dict[str, Any]], pods: Any, root: Path, **overrides: str
+) -> subprocess.CompletedProcess[str]:
+    """The `helm test` pod, with the API it calls (its rendered Deployment) started first;
+    the test pod's mounts (signing key, the helm-test token) are written under root."""
+    port = free_port()
+    pods(objects, "Deployment", "api", API_PORT=str(port))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while http_status(url + "/healthz") != 200:
+        assert time.monotonic() < deadline, "the API never answered /healthz"
+        time.sleep(0.3)
+    test_pod = get(objects, "Pod", "test-ping")
+    c = container(test_pod)
+    mounts = local_mounts(objects, pod_spec(test_pod), c, root)
+    env = {k: relocate(v, mounts) for k, v in container_env(objects, c).items()}
+    env = process_env(env, API_URL=url, **overrides)
+    argv = [relocate(a, mounts) for a in argv_of(c, env)]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
 def queued_tasks(redis: Any, queue: str) -> list[str]:
@@ -251,7 +290,7 @@ def test_worker_serves_metrics_on_its_metrics_port(
 
 
 def test_helm_test_pod_gets_pong_from_a_worker(
-    objects: list[dict[str, Any]], pods: Any, redis: Any
+    objects: list[dict[str, Any]], pods: Any, redis: Any, tmp_path: Path
 ) -> None:
     pods(objects, "Deployment", "worker-low", METRICS_PORT="0").wait_probe("startupProbe", 90)
     # As in the cluster: the migrate Job has run before `helm test` (it checks the schema).
@@ -263,13 +302,11 @@ def test_helm_test_pod_gets_pong_from_a_worker(
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     test_pod = get(objects, "Pod", "test-ping")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    c = container(test_pod)
-    env = process_env(container_env(objects, c))
-    done = subprocess.run(
-        argv_of(c, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    done = run_helm_test(objects, pods, tmp_path / "helm-test")
     assert done.returncode == 0, done.stdout + done.stderr
     assert '"pong"' in done.stdout
+    # ...and through the API with the helm-test token: POST /v1/tasks/ping, GET until SUCCESS.
+    assert "api: ping" in done.stdout and "SUCCESS pong" in done.stdout, done.stdout
     assert "redis: PONG" in done.stdout and "schema at" in done.stdout + done.stderr
 
 
@@ -350,7 +387,7 @@ def test_flower_guards_every_path_the_ingress_and_the_route_expose(
 
 
 def test_evaluation_install_helm_test_passes_against_the_in_chart_postgresql_wiring(
-    broker: RedisServer, pods: Any
+    broker: RedisServer, pods: Any, tmp_path: Path
 ) -> None:
     """No database given: the pods reach the chart's PostgreSQL with the generated password
     (DATABASE_URL composed from $(DATABASE_PASSWORD)), the rendered probe commands pass, the
@@ -418,10 +455,7 @@ def test_evaluation_install_helm_test_passes_against_the_in_chart_postgresql_wir
             "startupProbe", 90
         )
         test_pod = container(get(objects, "Pod", "test-ping"))
-        env = process_env(container_env(objects, test_pod), **moved(test_pod))
-        done = subprocess.run(
-            argv_of(test_pod, env), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-        )
+        done = run_helm_test(objects, pods, tmp_path / "helm-test", **moved(test_pod))
         assert done.returncode == 0, done.stdout + done.stderr
         assert '"pong"' in done.stdout
     finally:

@@ -41,7 +41,9 @@ def test_values_yaml_validates_against_the_schema() -> None:
 
 
 def test_schema_stays_small() -> None:
-    assert (CHART_DIR / "values.schema.json").stat().st_size < 80_000
+    assert (
+        CHART_DIR / "values.schema.json"
+    ).stat().st_size < 110_000  # three more components (API, signing, Sentinel)
 
 
 def _walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:

@@ -32,34 +32,46 @@ def test_value_set_renders_valid_objects(value_set: str) -> None:
 # value set -> (kind, expected count); the shape each set must produce.
 EXPECTED = {
     "default": {
-        "Deployment": 5,  # worker-high, worker-low, beat, flower, exporter
-        "HorizontalPodAutoscaler": 2,
-        "PodDisruptionBudget": 2,
+        "Deployment": 6,  # worker-high, worker-low, beat, flower, exporter, api
+        "HorizontalPodAutoscaler": 3,
+        "PodDisruptionBudget": 3,
         "StatefulSet": 1,
         "Ingress": 1,
-        "Secret": 3,  # chart (DATABASE_URL), redis password, flower auth
-        "NetworkPolicy": 6,  # redis, flower, workers, beat, exporter, migrate
+        # chart (DATABASE_URL), redis password, flower auth, signing key, API tokens file,
+        # API admin token, helm-test token
+        "Secret": 7,
+        "NetworkPolicy": 7,  # redis, flower, workers, beat, exporter, migrate, api
         "Job": 1,
         "Pod": 1,
     },
-    "external-redis": {"StatefulSet": 0, "Secret": 2, "NetworkPolicy": 5},
-    "keda": {"HorizontalPodAutoscaler": 0, "ScaledObject": 2, "TriggerAuthentication": 1},
+    "external-redis": {"StatefulSet": 0, "Secret": 6, "NetworkPolicy": 6},
+    "keda": {
+        "HorizontalPodAutoscaler": 1,
+        "ScaledObject": 2,
+        "TriggerAuthentication": 1,
+    },  # the API HPA
     "keda-external-redis": {"ScaledObject": 2, "TriggerAuthentication": 1, "StatefulSet": 0},
-    "evaluation-postgresql": {"StatefulSet": 2, "Secret": 3, "NetworkPolicy": 7},
+    "evaluation-postgresql": {"StatefulSet": 2, "Secret": 7, "NetworkPolicy": 8},
     "gateway-api": {"Ingress": 0, "HTTPRoute": 1},
     "other-ingress-class": {"Ingress": 1},
-    "flower-off": {"Deployment": 4, "Ingress": 0, "Secret": 2},
-    "third-queue": {"Deployment": 6, "HorizontalPodAutoscaler": 3, "PodDisruptionBudget": 3},
+    "flower-off": {"Deployment": 5, "Ingress": 0, "Secret": 6},
+    "third-queue": {"Deployment": 7, "HorizontalPodAutoscaler": 4, "PodDisruptionBudget": 4},
     "existing-secrets": {"Secret": 0},
-    "no-autoscaling": {"HorizontalPodAutoscaler": 0, "ScaledObject": 0},
-    "monitoring-forced": {"PodMonitor": 1, "ServiceMonitor": 1, "PrometheusRule": 1},
+    "no-autoscaling": {"HorizontalPodAutoscaler": 1, "ScaledObject": 0},  # the API's
+    "monitoring-forced": {"PodMonitor": 1, "ServiceMonitor": 2, "PrometheusRule": 1},
     "minimal-features": {
         "NetworkPolicy": 0,
         "ServiceAccount": 0,
         "Job": 0,
         "Pod": 0,
-        "Deployment": 3,
+        "Deployment": 4,
     },
+    "sentinel": {"StatefulSet": 1, "PodDisruptionBudget": 4, "Secret": 8, "Service": 4},
+    "api-existing-secrets": {"Secret": 3},
+    "api-off-signing-off": {"Deployment": 5, "Secret": 3, "HorizontalPodAutoscaler": 2},
+    "api-gateway": {"HTTPRoute": 1, "HorizontalPodAutoscaler": 2},
+    "api-ingress": {"Ingress": 2, "Secret": 6},
+    "sentinel-keda": {"ScaledObject": 2, "TriggerAuthentication": 1, "Secret": 7},
 }
 
 

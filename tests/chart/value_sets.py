@@ -8,9 +8,14 @@ EXISTING_SECRETS: dict[str, Any] = {
     "database": {"url": "", "existingSecret": "wh-secrets", "existingSecretKey": "db-url"},
     "redis": {"auth": {"existingSecret": "wh-secrets", "existingSecretPasswordKey": "redis"}},
     "flower": {"auth": {"existingSecret": "wh-flower"}},
+    "api": {"tokens": {"existingSecret": "wh-api-tokens"}},
+    "signing": {"existingSecret": "wh-signing"},
 }
 
 GITOPS: dict[str, Any] = {
+    # The tokens file and the signing key cannot be given as plain values: existing Secrets.
+    "api": {"tokens": {"existingSecret": "wh-api-tokens"}},
+    "signing": {"existingSecret": "wh-signing"},
     "redis": {"auth": {"password": "redis-gitops-0123456789"}},
     "flower": {
         "auth": {
@@ -90,6 +95,7 @@ SCHEDULING: dict[str, Any] = {
     "beat": {**_PLACEMENT, **_EXTRAS},
     "flower": {**_PLACEMENT, **_EXTRAS},
     "exporter": {**_PLACEMENT, **_EXTRAS},
+    "api": {**_PLACEMENT, **_EXTRAS},
     "commonAnnotations": {"example.com/owner": "tasks-team"},
 }
 
@@ -175,5 +181,64 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "podLabels": {"team": "index"},
         "commonLabels": {"cost-center": "cc-42"},
         "workers": {"high": {"extraArgs": ["--without-gossip"], "affinity": {}}},
+    },
+}
+
+# The API, signing and Sentinel (issue 11 point 4, issue 13 point 2).
+ADMIN_ENTRY: dict[str, Any] = {
+    "name": "reporting",
+    "sha256": "41d7" + "0" * 60,
+    "permissions": {"generate_report": ["submit"], "*": ["read"]},
+}
+VALUE_SETS |= {
+    "api-ingress": {
+        "api": {
+            "ingress": {"enabled": True, "host": "api.example.com"},
+            "tokens": {"entries": [ADMIN_ENTRY]},
+        }
+    },
+    "api-gateway": {
+        "api": {
+            "httpRoute": {
+                "enabled": True,
+                "parentRefs": [{"name": "public", "namespace": "gateway", "sectionName": "https"}],
+                "hostnames": ["api.example.com"],
+            },
+            "autoscaling": {"enabled": False},
+        }
+    },
+    "api-existing-secrets": {
+        "api": {"tokens": {"existingSecret": "wh-api-tokens"}},
+        "signing": {"existingSecret": "wh-signing"},
+    },
+    "api-off-signing-off": {"api": {"enabled": False}, "signing": {"enabled": False}},
+    "signing-rotation": {
+        "signing": {
+            "existingSecret": "wh-signing",
+            "extraCertificates": {
+                "next": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+            },
+        }
+    },
+    "sentinel": {"redis": {"sentinel": {"enabled": True}}},
+    "sentinel-keda": {
+        "redis": {"sentinel": {"enabled": True, "auth": {"existingSecret": "wh-sentinel"}}},
+        "workerDefaults": {"keda": {"enabled": True}},
+    },
+    "external-sentinel": {
+        "redis": {"enabled": False},
+        "externalRedis": {
+            "existingSecret": "managed-redis",
+            "sentinel": {
+                "enabled": True,
+                "hosts": [
+                    "redis-node-0.redis-headless.data:26379",
+                    "redis-node-1.redis-headless.data:26379",
+                ],
+                "masterName": "prod",
+                "existingSecret": "managed-redis",
+            },
+        },
+        "workerDefaults": {"keda": {"enabled": True}},
     },
 }

@@ -212,8 +212,12 @@ REDIS_PASSWORD: {{ .Values.externalRedis.password | b64enc | quote }}
       name: {{ $redisSecret }}
       key: {{ include "waardhaven-tasks.redis.secretKey" . }}
 {{- end }}
+{{- if include "waardhaven-tasks.redis.sentinelMode" . }}
+{{ include "waardhaven-tasks.redis.sentinelEnv" . }}
+{{- else }}
 - name: REDIS_URL
   value: {{ include "waardhaven-tasks.redis.url" . | quote }}
+{{- end }}
 {{- if include "waardhaven-tasks.postgresql.enabled" . }}
 - name: DATABASE_PASSWORD
   valueFrom:
@@ -251,7 +255,7 @@ credential they use (Redis, PostgreSQL) changes. Existing Secrets are the user's
 {{- define "waardhaven-tasks.podAnnotations" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
 checksum/secret: {{ include "waardhaven-tasks.secret.data" . | sha256sum }}
-checksum/credentials: {{ printf "%s/%s" (include "waardhaven-tasks.redis.password" .) (include "waardhaven-tasks.postgresql.password" .) | sha256sum }}
+checksum/credentials: {{ printf "%s/%s/%s" (include "waardhaven-tasks.redis.password" .) (include "waardhaven-tasks.postgresql.password" .) (include "waardhaven-tasks.redis.sentinelPassword" .) | sha256sum }}
 {{- include "waardhaven-tasks.extraPodAnnotations" . }}
 {{- end -}}
 
@@ -404,4 +408,205 @@ length drains a backlog sooner than CPU for the same pod-minutes), else the CPU 
 
 {{- define "waardhaven-tasks.flower.path" -}}
 {{- printf "/%s" .Values.flower.urlPrefix | trimSuffix "/" -}}
+{{- end -}}
+
+{{/* Signed task messages ----------------------------------------------------------------- */}}
+
+{{- define "waardhaven-tasks.signing.secretName" -}}
+{{- default (printf "%s-signing" (include "waardhaven-tasks.fullname" .)) .Values.signing.existingSecret -}}
+{{- end -}}
+
+{{/*
+The generated RSA key and self-signed certificate (JSON {key, cert}), like
+waardhaven-tasks.credential: the pair the Secret already holds (lookup), else at install a new
+one; an upgrade that cannot read it back fails. Cached per render. "" with existingSecret.
+*/}}
+{{- define "waardhaven-tasks.signing.pair" -}}
+{{- if and .Values.signing.enabled (not .Values.signing.existingSecret) -}}
+{{- if not (hasKey .Values "__credentials") -}}
+{{- $_ := set .Values "__credentials" dict -}}
+{{- end -}}
+{{- $cache := get .Values "__credentials" -}}
+{{- $name := include "waardhaven-tasks.signing.secretName" . -}}
+{{- if not (hasKey $cache $name) -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace $name -}}
+{{- $data := ($existing).data | default dict -}}
+{{- if and (hasKey $data "signing.key") (hasKey $data "signing.crt") -}}
+{{- $_ := set $cache $name (dict "key" (index $data "signing.key" | b64dec) "cert" (index $data "signing.crt" | b64dec)) -}}
+{{- else if .Release.IsUpgrade -}}
+{{- fail (printf "upgrade: the generated signing key of Secret %s cannot be read back (no cluster access, e.g. helm template, or the Secret is gone); set signing.existingSecret to keep signing with a known key" $name) -}}
+{{- else -}}
+{{- $key := genPrivateKey "rsa" -}}
+{{- $cert := genSelfSignedCertWithKey (include "waardhaven-tasks.fullname" .) nil nil (int .Values.signing.validityDays) $key -}}
+{{- $_ := set $cache $name (dict "key" $cert.Key "cert" $cert.Cert) -}}
+{{- end -}}
+{{- end -}}
+{{- get $cache $name | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* env of a container that sends or runs tasks (workers, beat, Flower, API, helm test). */}}
+{{- define "waardhaven-tasks.signing.env" -}}
+{{- if .Values.signing.enabled }}
+- name: TASK_SIGNING
+  value: "true"
+- name: TASK_SIGNING_KEY
+  value: /etc/waardhaven-tasks/signing/signing.key
+- name: TASK_SIGNING_CERT
+  value: /etc/waardhaven-tasks/signing/signing.crt
+# Only certificates in here: the signers whose messages workers accept.
+- name: TASK_SIGNING_CERT_STORE
+  value: /etc/waardhaven-tasks/signing-certs
+{{- end }}
+{{- end -}}
+
+{{- define "waardhaven-tasks.signing.volumeMounts" -}}
+{{- if .Values.signing.enabled }}
+- name: signing
+  mountPath: /etc/waardhaven-tasks/signing
+  readOnly: true
+- name: signing-certs
+  mountPath: /etc/waardhaven-tasks/signing-certs
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Whole-directory mounts (no subPath): the kubelet updates them in place. */}}
+{{- define "waardhaven-tasks.signing.volumes" -}}
+{{- if .Values.signing.enabled }}
+- name: signing
+  secret:
+    secretName: {{ include "waardhaven-tasks.signing.secretName" . }}
+    defaultMode: 0440
+    items:
+      - key: signing.key
+        path: signing.key
+      - key: signing.crt
+        path: signing.crt
+- name: signing-certs
+  projected:
+    defaultMode: 0444
+    sources:
+      - secret:
+          name: {{ include "waardhaven-tasks.signing.secretName" . }}
+          items:
+            - key: signing.crt
+              path: signing.crt
+      {{- if .Values.signing.extraCertificates }}
+      - configMap:
+          name: {{ include "waardhaven-tasks.fullname" . }}-signing-certs
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations: roll when the generated key or the extra certificates change. */}}
+{{- define "waardhaven-tasks.signing.checksum" -}}
+{{- if .Values.signing.enabled }}
+checksum/signing: {{ printf "%s/%s" (include "waardhaven-tasks.signing.pair" .) (toJson .Values.signing.extraCertificates) | sha256sum }}
+{{- end }}
+{{- end -}}
+
+{{/* API --------------------------------------------------------------------------------- */}}
+
+{{- define "waardhaven-tasks.api.fullname" -}}
+{{- printf "%s-api" (include "waardhaven-tasks.fullname" .) -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.api.tokensSecretName" -}}
+{{- default (printf "%s-tokens" (include "waardhaven-tasks.api.fullname" .)) .Values.api.tokens.existingSecret -}}
+{{- end -}}
+
+{{/* The generated admin token (only when neither entries nor existingSecret are given). */}}
+{{- define "waardhaven-tasks.api.adminToken" -}}
+{{- if and .Values.api.enabled (not .Values.api.tokens.existingSecret) (not .Values.api.tokens.entries) -}}
+{{- printf "wht_%s" (include "waardhaven-tasks.credential" (dict "ctx" . "secret" (printf "%s-admin-token" (include "waardhaven-tasks.api.fullname" .)) "key" "token" "given" "" "length" 43 "values" "api.tokens.entries (or api.tokens.existingSecret)")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The `helm test` token: may submit and read ping, nothing else. */}}
+{{- define "waardhaven-tasks.api.testToken" -}}
+{{- if and .Values.api.enabled .Values.tests.enabled (not .Values.api.tokens.existingSecret) -}}
+{{- printf "wht_%s" (include "waardhaven-tasks.credential" (dict "ctx" . "secret" (printf "%s-test-token" (include "waardhaven-tasks.api.fullname" .)) "key" "token" "given" "" "length" 43 "values" "api.tokens.existingSecret or tests.enabled=false")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The tokens file: hashes and permissions only. */}}
+{{- define "waardhaven-tasks.api.tokensFile" -}}
+{{- $entries := list -}}
+{{- range .Values.api.tokens.entries }}{{ $entries = append $entries . }}{{ end -}}
+{{- with include "waardhaven-tasks.api.adminToken" . -}}
+{{- $entries = append $entries (dict "name" "admin" "sha256" (sha256sum .) "permissions" (dict "*" (list "*"))) -}}
+{{- end -}}
+{{- with include "waardhaven-tasks.api.testToken" . -}}
+{{- $entries = append $entries (dict "name" "helm-test" "sha256" (sha256sum .) "permissions" (dict "ping" (list "submit" "read"))) -}}
+{{- end -}}
+{{- dict "tokens" $entries | toPrettyJson -}}
+{{- end -}}
+
+{{/* Redis Sentinel ----------------------------------------------------------------------- */}}
+
+{{/* Sentinel mode: the in-chart Redis with redis.sentinel, or externalRedis.sentinel. */}}
+{{- define "waardhaven-tasks.redis.sentinelMode" -}}
+{{- if .Values.redis.enabled -}}
+{{- if .Values.redis.sentinel.enabled }}true{{ end -}}
+{{- else if .Values.externalRedis.sentinel.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* FQDN of in-chart Redis pod i: (dict "ctx" $ "i" i) */}}
+{{- define "waardhaven-tasks.redis.podHost" -}}
+{{- $full := include "waardhaven-tasks.redis.fullname" .ctx -}}
+{{- printf "%s-%d.%s-headless.%s.svc.%s" $full (int .i) $full .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* The Sentinels, host:port,... (REDIS_SENTINELS). */}}
+{{- define "waardhaven-tasks.redis.sentinels" -}}
+{{- if .Values.redis.enabled -}}
+{{- $out := list -}}
+{{- range $i := until (int .Values.redis.sentinel.replicas) -}}
+{{- $out = append $out (printf "%s:26379" (include "waardhaven-tasks.redis.podHost" (dict "ctx" $ "i" $i))) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- else -}}
+{{- join "," .Values.externalRedis.sentinel.hosts -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.redis.sentinelMaster" -}}
+{{- ternary .Values.redis.sentinel.masterName .Values.externalRedis.sentinel.masterName .Values.redis.enabled -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.redis.sentinelSecretName" -}}
+{{- if .Values.redis.enabled -}}
+{{- default (printf "%s-sentinel" (include "waardhaven-tasks.redis.fullname" .)) .Values.redis.sentinel.auth.existingSecret -}}
+{{- else -}}
+{{- .Values.externalRedis.sentinel.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "waardhaven-tasks.redis.sentinelSecretKey" -}}
+{{- if .Values.redis.enabled -}}
+{{- ternary .Values.redis.sentinel.auth.existingSecretPasswordKey "sentinel-password" (ne .Values.redis.sentinel.auth.existingSecret "") -}}
+{{- else -}}
+{{- .Values.externalRedis.sentinel.existingSecretPasswordKey -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The generated in-chart Sentinel password ("" otherwise). */}}
+{{- define "waardhaven-tasks.redis.sentinelPassword" -}}
+{{- if and .Values.redis.enabled .Values.redis.sentinel.enabled (not .Values.redis.sentinel.auth.existingSecret) -}}
+{{- include "waardhaven-tasks.credential" (dict "ctx" . "secret" (printf "%s-sentinel" (include "waardhaven-tasks.redis.fullname" .)) "key" "sentinel-password" "given" .Values.redis.sentinel.auth.password "length" 32 "values" "redis.sentinel.auth.password or redis.sentinel.auth.existingSecret") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Sentinel mode env (instead of REDIS_URL; settings refuse both). */}}
+{{- define "waardhaven-tasks.redis.sentinelEnv" -}}
+- name: REDIS_SENTINELS
+  value: {{ include "waardhaven-tasks.redis.sentinels" . | quote }}
+- name: REDIS_SENTINEL_MASTER
+  value: {{ include "waardhaven-tasks.redis.sentinelMaster" . | quote }}
+- name: REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "waardhaven-tasks.redis.sentinelSecretName" . }}
+      key: {{ include "waardhaven-tasks.redis.sentinelSecretKey" . }}
 {{- end -}}
