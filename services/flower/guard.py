@@ -52,8 +52,18 @@ def install() -> None:
     Flower.find_handler = find_handler  # type: ignore[method-assign]
 
 
+def use_kombus_transport() -> None:
+    """Flower consumes no task queue, and its broker view (queue lengths) knows kombu's
+    transports by URL scheme only: it gets kombu's own Redis transport, not the app's
+    `tasks.transport` (which only matters to a consumer: it drops unreadable queue entries)."""
+    from tasks.celery_app import app
+
+    app.conf.broker_transport = None
+
+
 if __name__ == "__main__":
     install()
+    use_kombus_transport()
     from celery.__main__ import main
 
     sys.argv[0] = "celery"

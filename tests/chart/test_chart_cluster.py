@@ -305,7 +305,9 @@ def test_extra_volumes_containers_and_init_containers_per_workload() -> None:
         assert {"name": "ca", "configMap": {"name": "corp-ca"}} in spec["volumes"], name
         main = spec["containers"][0]
         assert {"name": "ca", "mountPath": "/etc/corp-ca", "readOnly": True} in main["volumeMounts"]
-        assert [c["name"] for c in spec["containers"]][1:] == ["sidecar"], name
+        # the extra container comes after the chart's own (the exporter pod has two: probes)
+        assert [c["name"] for c in spec["containers"]][-1] == "sidecar", name
+        assert sum(c["name"] == "sidecar" for c in spec["containers"]) == 1, name
         assert spec["initContainers"][-1]["name"] == "init-extra", name
 
 

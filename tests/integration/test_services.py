@@ -45,6 +45,8 @@ def test_flower_requires_credentials(start_service: Any, migrated_db: str) -> No
     assert http_status(base + "/", "ops:wrong") == 401
     assert http_status(base + "/", "ops:s3cret-pass") == 200
     assert http_status(base + "/api/workers", "ops:s3cret-pass") == 200
+    # Its broker view (queue lengths) knows the broker's transport (services/flower/guard.py).
+    assert http_status(base + "/api/queues/length", "ops:s3cret-pass") == 200
     # Every path needs the credentials (services/flower/guard.py), the probes' too.
     for path in ("/healthcheck", "/metrics", "/static/css/bootstrap.min.css"):
         assert http_status(base + path) == 401, path

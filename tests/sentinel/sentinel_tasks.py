@@ -19,7 +19,7 @@ from sqlalchemy import text
 from tasks.celery_app import Queue, app
 from tasks.db import session_scope
 
-TICK = 3.0
+TICK = float(os.environ.get("SENTINEL_TICK", "3.0"))  # the test sets it
 TASK = "sentinel.beat_tick"
 
 app.conf.beat_schedule["sentinel-beat-tick"] = {
