@@ -12,6 +12,7 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from api_helpers import Stack, redis_server_flushed_fixture, stack_fixture, wait
 from celery import Celery
 from sqlalchemy import text
 
+from conftest import Service
 from tasks.db import get_engine
 from tasks.signing import env_for, generate_keys
 
@@ -198,3 +200,26 @@ def test_unreadable_queue_entries_are_dropped_and_the_worker_goes_on(
     assert "Unrecoverable error" not in stack.worker.output
     assert redis_client.llen("default") == 0
     assert redis_client.hlen("unacked") == 0  # dropped, not waiting for a redelivery
+
+
+def test_beat_sends_signed_messages_the_worker_runs(stack: Stack, tmp_path: Path) -> None:
+    # Beat with the same key as the pods, compute_index due every minute: its message must be
+    # signed, or the worker refuses it and no task_runs row is ever written.
+    beat = Service("beat", tmp_path, SCHEDULE_COMPUTE_INDEX="* * * * *", **stack.env)
+    query = text(
+        "SELECT task_id, state FROM task_runs"
+        " WHERE name = 'compute_index' AND requested_by = 'beat' AND finished_at IS NOT NULL"
+    )
+    deadline = time.monotonic() + 150  # the next minute, then the run
+    try:
+        while True:
+            with get_engine().connect() as conn:
+                row = conn.execute(query).first()
+            if row is not None:
+                break
+            assert time.monotonic() < deadline, beat.output[-3000:]
+            assert beat.proc.poll() is None, beat.output[-3000:]
+            time.sleep(0.5)
+    finally:
+        beat.stop()
+    assert f"Refused task message compute_index[{row.task_id}]" not in stack.worker.output
