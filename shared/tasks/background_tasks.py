@@ -139,22 +139,27 @@ def refresh_market_data(
     run = _run_of(self)
     provider = _provider_for(self)
     chunked = len(names) > settings.refresh_chunk_size and not self.request.is_eager
+    # Whoever asked for the refresh asked for its chunks and continuations (task_runs).
+    by = {"requested_by": self.request.get("requested_by")}
     if provider.credits_per_minute is None and chunked:
         # The summary task takes over this task's id (Task.replace): the caller's AsyncResult
         # ends with the totals, and the summary writes this run's final row in task_runs.
         groups = plan.chunks(names, settings.refresh_chunk_size)
         parts = [
-            refresh_market_data_chunk.s(args.mode, part, self.request.id, i, len(groups))
+            refresh_market_data_chunk.s(args.mode, part, self.request.id, i, len(groups)).set(
+                headers=by
+            )
             for i, part in enumerate(groups)
         ]
         Progress(self, len(parts)).update(0, f"0/{len(parts)} chunks done", force=True)
-        raise self.replace(chord(parts, refresh_market_data_summary.s(missing, args.mode)))
+        summary = refresh_market_data_summary.s(missing, args.mode).set(headers=by)
+        raise self.replace(chord(parts, summary))
     budget = min(settings.refresh_task_seconds, settings.task_soft_time_limit)
     resume_in = _refresh(self, run, args.mode, names, budget=budget)
     if resume_in is not None:
         logger.info("refresh continues in a new message in %.0f s", resume_in)
         again = refresh_market_data.si(mode=args.mode, symbols=args.symbols)
-        raise self.replace(again.set(countdown=resume_in))
+        raise self.replace(again.set(countdown=resume_in, headers=by))
     return _summarize(self, run, args.mode, missing)
 
 

@@ -79,6 +79,12 @@ def test_tasks_the_worker_sends_itself_are_signed_too(stack: Stack) -> None:
     assert meta["status"] == "SUCCESS", meta
     assert meta["result"]["assets_refreshed"] == 14
     assert stack.worker.output.count("Task refresh_market_data_chunk[") >= 3
+    with get_engine().connect() as conn:
+        senders = conn.execute(
+            text("SELECT name, requested_by FROM task_runs WHERE name LIKE 'refresh_market%'")
+        ).all()
+    assert len(senders) >= 4  # the run's row (written by its summary) and the chunks'
+    assert {by for _, by in senders} == {"api:admin"}, senders
     assert "Refused task message" not in stack.worker.output
 
 
