@@ -36,7 +36,7 @@ test-fast: venv ## the pure tests (tests/unit): seconds, no Redis, no PostgreSQL
 	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
 
 test: venv exporter-venv ## run the whole test suite
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=30 $(PYTEST_ARGS)
 
 lint: venv ## ruff and mypy
 	$(BIN)/ruff check
