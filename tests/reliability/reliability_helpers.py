@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -272,9 +274,38 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
 
 
-def send_write(client: Any, key: str, seconds: float = 0.0, queue: str = "default") -> Any:
+def send_write(
+    client: Any, key: str, seconds: float = 0.0, queue: str = "default", **options: Any
+) -> Any:
     """Send chaos.write(key) with task id = key, so Redis leftovers map back to keys."""
-    return client.send_task("chaos.write", args=[key, seconds], task_id=key, queue=queue)
+    return client.send_task("chaos.write", args=[key, seconds], task_id=key, queue=queue, **options)
+
+
+class SteadyPublisher(threading.Thread):
+    """Sends chaos.write(key, seconds) to `default` every `period` s, as a service keeps doing
+    through a fault. `sent`: key -> when send_task returned; `refused`: key -> the error the
+    sender saw (kombu gave up after its publish retries; the sender knows, nothing is lost)."""
+
+    def __init__(
+        self, client: Any, period: float, prefix: str, seconds: float = 0.0, **options: Any
+    ) -> None:
+        super().__init__(daemon=True)
+        self.client, self.period, self.prefix = client, period, prefix
+        self.seconds, self.options = seconds, options
+        self.sent: dict[str, float] = {}
+        self.refused: dict[str, str] = {}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        for i in itertools.count():
+            if self.halt.wait(self.period):
+                return
+            key = f"{self.prefix}-{i}"
+            try:
+                send_write(self.client, key, self.seconds, **self.options)
+                self.sent[key] = time.time()
+            except Exception as exc:
+                self.refused[key] = f"{type(exc).__name__}: {exc}"
 
 
 @functools.cache

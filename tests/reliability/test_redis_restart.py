@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from reliability_helpers import (
     VISIBILITY_TIMEOUT,
     Effects,
     Scenario,
+    SteadyPublisher,
     alive,
     producer,
     redis_leftovers,
@@ -56,28 +56,6 @@ def effects(clean_db: str) -> Any:
     fx.close()
 
 
-class Publisher(threading.Thread):
-    """Sends chaos.write tasks to `default` at RATE a second; remembers what Redis took."""
-
-    def __init__(self, client: Any) -> None:
-        super().__init__(daemon=True)
-        self.client = client
-        self.sent: dict[str, float] = {}  # key -> when send_task returned
-        self.refused: dict[str, str] = {}  # key -> the error the sender saw
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self.halt.wait(1 / RATE):
-            key = f"pub-{i}"
-            i += 1
-            try:
-                send_write(self.client, key, 0.3)
-                self.sent[key] = time.time()
-            except Exception as exc:  # the sender knows: it would retry or report
-                self.refused[key] = f"{type(exc).__name__}: {exc}"
-
-
 @pytest.mark.slow
 def test_redis_sigkill_while_publishing_and_consuming(
     broker: RedisServer, effects: Effects, start_service: Any, tmp_path: Path
@@ -85,7 +63,7 @@ def test_redis_sigkill_while_publishing_and_consuming(
     env = {"REDIS_URL": broker.url, **CHAOS_TASKS, **SHORT_LIMITS}
     client = producer(broker.url)
     backlog: list[str] = []  # sent to a queue no worker consumes yet
-    publisher = Publisher(client)
+    publisher = SteadyPublisher(client, 1 / RATE, "pub", 0.3)
     affected: list[str] = []  # sent before the restart and not done at the kill
     differs = (
         f"VISIBILITY_TIMEOUT={VISIBILITY_TIMEOUT} (7200): tasks cut off by the kill run again"

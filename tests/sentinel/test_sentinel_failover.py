@@ -29,6 +29,7 @@ from reliability_helpers import (
     VISIBILITY_TIMEOUT,
     Effects,
     Scenario,
+    SteadyPublisher,
     wait_until,
 )
 from sqlalchemy import text
@@ -57,31 +58,6 @@ def effects(clean_db: str) -> Any:
     fx = Effects(os.environ["DATABASE_URL"]).reset()
     yield fx
     fx.close()
-
-
-class Producer(threading.Thread):
-    """Sends chaos.write every `period` s; a send the caller saw fail is refused, not sent."""
-
-    def __init__(self, app: Any, period: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.app, self.period = app, period
-        self.sent: dict[str, float] = {}  # key -> time the send returned
-        self.refused: list[tuple[str, float, str]] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self.halt.is_set():
-            key = f"steady-{i}"
-            i += 1
-            try:
-                self.app.send_task(
-                    "chaos.write", args=[key, 0], queue="default", ignore_result=True
-                )
-                self.sent[key] = time.time()
-            except Exception as exc:  # kombu gave up after its publish retries
-                self.refused.append((key, time.time(), type(exc).__name__))
-            self.halt.wait(self.period)
 
 
 class Kubelet(threading.Thread):
@@ -165,7 +141,7 @@ def test_master_sigkill_sentinel_promotes_and_everyone_goes_on(
         running = ["running-0", "running-1"]
         for key in running:  # running on the worker when the master dies
             client.send_task("chaos.write", args=[key, 3], queue="default", ignore_result=True)
-        producer = Producer(client)
+        producer = SteadyPublisher(client, 0.1, "steady", ignore_result=True)
         producer.start()
         wait_until(lambda: {"running-0", "running-1"} <= set(effects.attempt_counts()), 30)
 
