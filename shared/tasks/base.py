@@ -104,7 +104,9 @@ def excuse_requeued_deliveries(**_: Any) -> None:
     if not requeued:
         return
     try:
-        client = redis.Redis.from_url(get_settings().redis_url)  # own pool: in a signal handler
+        # Its own client (not _redis()'s pool: this runs in a signal handler), built like every
+        # other: with REDIS_SENTINELS, REDIS_URL is unset and names no server of ours.
+        client = redis_conn.client(get_settings())
         pipe = client.pipeline()
         for r in requeued:
             info = r.request_dict
