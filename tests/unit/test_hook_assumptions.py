@@ -184,3 +184,58 @@ def test_messages_carry_no_sender_time_limits() -> None:
     assert _published_timelimit() == [None, None]
     assert _published_timelimit(time_limit=30) == [30, None]
     assert _published_timelimit(soft_time_limit=5, time_limit=9) == [9, 5]
+
+
+# --- private names used outside tasks.compat's guard ------------------------------------------
+# Each is used in one place; an upgrade that renames it fails here, in seconds, and not in a pod.
+
+
+def test_the_api_can_turn_off_result_subscriptions() -> None:
+    """tasks.api.app sets celery._state's task-join flag so send_task does not subscribe the
+    API to every task's result channel (they would pile up in a long-lived process)."""
+    from celery import _state
+
+    before = _state.task_join_will_block()
+    try:
+        _state._set_task_join_will_block(True)
+        assert _state.task_join_will_block() is True
+    finally:
+        _state._set_task_join_will_block(before)
+
+
+def test_requests_say_whether_they_started_and_were_acknowledged() -> None:
+    """tasks.base.excuse_requeued_deliveries tells a requeued task from a finished one by
+    Request.time_start (set when a child accepts it) and Request.acknowledged."""
+    from celery.worker.request import Request
+
+    assert Request.time_start is None and Request.acknowledged is False  # class defaults
+    source = inspect.getsource(Request.on_accepted)
+    assert "self.time_start =" in source
+    assert "self.acknowledged = True" in inspect.getsource(Request.acknowledge)
+
+
+def test_prometheus_client_internals_the_preinitialised_series_use() -> None:
+    """tasks.metrics.server.preinitialise writes zero series straight into a multiprocess file:
+    prometheus_client's MmapedDict and mmap_key, and the metric attributes that name a series."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    registry = CollectorRegistry()
+    counter = Counter("probe", "doc", ["a"], registry=registry)
+    histogram = Histogram("probe_h", "doc", ["a"], buckets=(1.0,), registry=registry)
+    assert (counter._name, list(counter._labelnames), counter._documentation) == (
+        "probe",
+        ["a"],
+        "doc",
+    )
+    assert list(histogram._upper_bounds) == [1.0, float("inf")]
+    assert list(inspect.signature(mmap_key).parameters) == [
+        "metric_name",
+        "name",
+        "labelnames",
+        "labelvalues",
+        "help_text",
+    ]
+    params = list(inspect.signature(MmapedDict.write_value).parameters)
+    assert params == ["self", "key", "value", "timestamp"]
+    assert {"close", "read_all_values"} <= set(dir(MmapedDict))
