@@ -42,6 +42,19 @@ _PLACEMENT: dict[str, Any] = {
     },
     "priorityClassName": "tasks-critical",
 }
+# What the restricted Pod Security Standard asks of an extra container, plus small resources.
+_RESTRICTED_CONTAINER: dict[str, Any] = {
+    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}},
+    "securityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
+    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+}
 _EXTRAS: dict[str, Any] = {
     "extraVolumes": [{"name": "ca", "configMap": {"name": "corp-ca"}}],
     "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
@@ -49,19 +62,7 @@ _EXTRAS: dict[str, Any] = {
         {
             "name": "sidecar",
             "image": "registry.example/sidecar:1.0",
-            "resources": {
-                "requests": {"cpu": "10m", "memory": "16Mi"},
-                "limits": {"memory": "32Mi"},
-            },
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 10001,
-                "readOnlyRootFilesystem": True,
-                "allowPrivilegeEscalation": False,
-                "capabilities": {"drop": ["ALL"]},
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            **_RESTRICTED_CONTAINER,
             "livenessProbe": {"exec": {"command": ["true"]}},
             "readinessProbe": {"exec": {"command": ["true"]}},
         }
@@ -70,19 +71,7 @@ _EXTRAS: dict[str, Any] = {
         {
             "name": "init-extra",
             "image": "registry.example/init:1.0",
-            "resources": {
-                "requests": {"cpu": "10m", "memory": "16Mi"},
-                "limits": {"memory": "32Mi"},
-            },
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 10001,
-                "readOnlyRootFilesystem": True,
-                "allowPrivilegeEscalation": False,
-                "capabilities": {"drop": ["ALL"]},
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            **_RESTRICTED_CONTAINER,
         }
     ],
 }
