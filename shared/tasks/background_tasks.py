@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded
@@ -347,7 +348,7 @@ def compute_index(self: DatabaseTask, start: str | None = None, end: str | None 
         except NotEnoughData:
             pass
     if cut:
-        continued_from, value = _anchor(session, params, first, last)
+        continued_from, value = _anchor(session, params, dates, first, last)
         anchor = index.Anchor(continued_from, value)
         computed = index.compute_index(dates, symbols, closes, params, anchor=anchor)
     elif computed is None:
@@ -376,12 +377,19 @@ def compute_index(self: DatabaseTask, start: str | None = None, end: str | None 
 
 
 def _anchor(
-    session: Session, params: index.StrategyParams, start: dt.date | None, end: dt.date | None
+    session: Session,
+    params: index.StrategyParams,
+    dates: np.ndarray,
+    start: dt.date | None,
+    end: dt.date | None,
 ) -> tuple[dt.date, float]:
     """Where a computation continues a stored series whose older prices were removed: the
-    anchor's date and stored value."""
+    anchor's date and stored value. `dates`: the close matrix's, up to `end`."""
     warmup = index.warmup_rows(params)
-    after = store.price_date(session, None, warmup)
+    if len(dates) > warmup:
+        after: dt.date | None = dates[warmup].astype(dt.date)
+    else:  # cut short by `end`, or too few prices
+        after = store.price_date(session, None, warmup)
     day = store.stored_rebalance_date(session, after) if after else None
     value = store.index_value(session, day) if day else None
     if day is None or value is None:

@@ -350,3 +350,25 @@ def test_a_recompute_cannot_reach_before_its_anchor(clean_db: str) -> None:
     lost = failure()
     assert type(lost) is NotEnoughData and "RETENTION_DAYS" in str(lost)
     assert "warmup_rows" in str(lost)
+
+
+def test_cleanup_keeps_the_warmup_of_a_young_index(clean_db: str) -> None:
+    """The cutoff falls in the prices before the index's start (base 100): cleanup keeps the
+    prices the start needs, and a recompute from the start gives the same values."""
+    rows = 200
+    closes = random_closes(6, rows=rows, assets=len(SYMBOLS))
+    store_prices(columns(closes, range(rows)), HISTORY[-rows - RECENT :])
+    assert compute().get("continued_from") is None
+    published = stored()
+    base = min(published[0])
+    assert published[0][base] == 100.0
+    first = HISTORY[-rows - RECENT].astype(dt.date)
+    cutoff_row = HISTORY[-rows - RECENT + 10].astype(dt.date)  # 10 price dates after the first
+    cleaned = cleanup((TODAY - cutoff_row).days)
+    assert dt.date.fromisoformat(cleaned["cutoff"]) == cutoff_row < base
+    again = compute()
+    assert_unchanged(published, base)
+    assert again.get("continued_from") is None and again["start"] == str(base)
+    kept = cleaned.get("kept_for_index")
+    assert kept is not None and kept["prices_from"] == first.isoformat(), cleaned
+    assert cleaned["deleted"]["prices"] == 0 and oldest_price() == first
