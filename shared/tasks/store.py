@@ -445,10 +445,11 @@ def kept_for_index(session: Session, cutoff: dt.date, warmup: int) -> dict[str, 
         prices_from = price_date(session, base, -warmup) or price_date(session, None, 0)
         index_from = base
         why = (
-            f"no stored rebalance date after the index's start {base} has {warmup} price "
-            f"dates before it: the index is recomputed from its start and needs the {warmup} "
+            f"the index starts at {base}, fewer than {warmup} price dates after the cutoff"
+            if base >= cutoff
+            else f"no stored rebalance date after the index's start {base} has {warmup} "
             "price dates before it"
-        )
+        ) + f": it is recomputed from its start, which needs the {warmup} price dates before it"
     if prices_from is None or (prices_from >= cutoff and index_from >= cutoff):
         return None
     return {
