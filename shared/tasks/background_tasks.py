@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded
@@ -312,6 +313,13 @@ def compute_index(self: DatabaseTask, start: str | None = None, end: str | None 
 
     With start/end only the dates in [start, end] are written, computed from all the history
     before them (lookbacks, holdings, the base of 100): the values equal a full recompute's.
+
+    Published values are final. When cleanup_old_data has removed the prices the oldest stored
+    values came from (the stored index has a value older than the first the kept prices
+    give), the computation continues the stored series from an anchor: the oldest stored
+    rebalance date with index.warmup_rows price dates before it, at its stored value. Only
+    [anchor, end] is written; older values stay as stored. The result's "continued_from" is
+    the anchor, or None for a computation from the start (base 100).
     """
     first, last = _parse_date("start", start), _parse_date("end", end)
     _validate(IndexArgs, start=first, end=last)
@@ -326,14 +334,32 @@ def compute_index(self: DatabaseTask, start: str | None = None, end: str | None 
         up_to = f" up to end {last}" if last else ""
         raise NotEnoughData(f"no prices stored{up_to}: run refresh_market_data first")
     progress.update(1, f"computing over {len(symbols)} assets x {len(dates)} days", force=True)
-    computed = index.compute_index(dates, symbols, closes, params)
+    computed, continued_from = None, None
+    # Cut: the stored index has a value older than the first the kept prices give. Whatever
+    # the strategy that is row MIN_LISTED_DAYS at the earliest, so the usual case after a
+    # cleanup needs no computation from the start to tell.
+    oldest = store.oldest_index_date(session)
+    cut = oldest is not None and (last is None or oldest <= last)
+    earliest = index.MIN_LISTED_DAYS
+    if cut and len(dates) > earliest and oldest >= dates[earliest].astype(dt.date):
+        try:
+            computed = index.compute_index(dates, symbols, closes, params)
+            cut = oldest < computed.dates[0].astype(dt.date)
+        except NotEnoughData:
+            pass
+    if cut:
+        continued_from, value = _anchor(session, params, dates, first, last)
+        anchor = index.Anchor(continued_from, value)
+        computed = index.compute_index(dates, symbols, closes, params, anchor=anchor)
+    elif computed is None:
+        computed = index.compute_index(dates, symbols, closes, params)
     result = computed.between(first, last)
     if len(result.dates) == 0:
         raise InvalidTaskArguments(
             "start", f"{first} is after the newest index date {computed.dates[-1]}"
         )
     progress.update(2, "writing index values and allocations", force=True)
-    self.rows_written = store.write_index(session, result, first, last)
+    self.rows_written = store.write_index(session, result, first or continued_from, last)
     session.commit()
     held = int((computed.weights[-1] > 0).sum())  # at the newest rebalance
     metrics.index_assets(held)
@@ -346,7 +372,42 @@ def compute_index(self: DatabaseTask, start: str | None = None, end: str | None 
         "assets": held,
         "rebalances": len(result.rebalance_dates),
         "never_held": computed.never_held(),
+        "continued_from": continued_from.isoformat() if continued_from else None,
     }
+
+
+def _anchor(
+    session: Session,
+    params: index.StrategyParams,
+    dates: np.ndarray,
+    start: dt.date | None,
+    end: dt.date | None,
+) -> tuple[dt.date, float]:
+    """Where a computation continues a stored series whose older prices were removed: the
+    anchor's date and stored value. `dates`: the close matrix's, up to `end`."""
+    warmup = index.warmup_rows(params)
+    if len(dates) > warmup:
+        after: dt.date | None = dates[warmup].astype(dt.date)
+    else:  # cut short by `end`, or too few prices
+        after = store.price_date(session, None, warmup)
+    day = store.stored_rebalance_date(session, after) if after else None
+    value = store.index_value(session, day) if day else None
+    if day is None or value is None:
+        raise NotEnoughData(
+            "the stored index cannot continue: no stored rebalance date has "
+            f"{warmup} price dates (warmup_rows) before it, older prices were removed by "
+            "cleanup_old_data (RETENTION_DAYS / days_to_keep too short for the strategy's "
+            "rebalance_frequency?); refresh_market_data mode=full brings the history back "
+            "and the index is then recomputed from its start"
+        )
+    for field, bound in (("start", start), ("end", end)):
+        if bound and bound < day:
+            raise InvalidTaskArguments(
+                field,
+                f"{bound} is before {day}: prices before {store.price_date(session, None, 0)} "
+                f"were removed by cleanup_old_data; the index can be recomputed from {day} on",
+            )
+    return day, value
 
 
 # --- generate_report ----------------------------------------------------------------------
@@ -422,19 +483,36 @@ def _performance(session: Session, period_days: int) -> dict[str, Any]:
 
 @app.task(name="cleanup_old_data", base=DatabaseTask, bind=True)
 def cleanup_old_data(self: DatabaseTask, days_to_keep: int = 365) -> Any:
-    """Delete rows dated before today - days_to_keep, in batches; counts per table."""
+    """Delete rows dated before today - days_to_keep, in batches; counts per table.
+
+    Prices, index values and allocations that the next compute_index needs to continue the
+    stored index unchanged are kept even when older (store.kept_for_index): the result's
+    "kept_for_index" says from when and why, or is None.
+    """
     args = _validate(CleanupArgs, days_to_keep=days_to_keep)
     cutoff = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=args.days_to_keep)
     session = self.session
+    warmup = index.warmup_rows(store.strategy_config(session))
+    kept = store.kept_for_index(session, cutoff, warmup)
+    session.commit()
+    cutoffs: dict[str, dt.date] = {}
+    if kept:
+        index_from = dt.date.fromisoformat(kept["index_from"])
+        cutoffs = {
+            "prices": dt.date.fromisoformat(kept["prices_from"]),
+            "index_values": index_from,
+            "allocations": index_from,
+        }
     progress = Progress(self, len(store.RETENTION))
     deleted: dict[str, int] = {}
     try:
         for i, (model, column) in enumerate(store.RETENTION):
             table = model.__tablename__
-            progress.update(i, f"deleting {table} before {cutoff}", force=True)
-            bound: Any = cutoff
+            before = cutoffs.get(table, cutoff)
+            progress.update(i, f"deleting {table} before {before}", force=True)
+            bound: Any = before
             if column.type.python_type is dt.datetime:
-                bound = dt.datetime.combine(cutoff, dt.time(), tzinfo=dt.UTC)
+                bound = dt.datetime.combine(before, dt.time(), tzinfo=dt.UTC)
             deleted[table] = 0
             while True:  # until a batch deletes nothing
                 with committed_with_its_count():
@@ -448,7 +526,7 @@ def cleanup_old_data(self: DatabaseTask, days_to_keep: int = 365) -> Any:
         # Every finished batch is committed and counted; nothing else was deleted.
         raise PartialResult("cleanup stopped at the soft time limit", deleted) from None
     progress.update(len(store.RETENTION), "done", force=True)
-    return {"cutoff": cutoff.isoformat(), "deleted": deleted}
+    return {"cutoff": cutoff.isoformat(), "deleted": deleted, "kept_for_index": kept}
 
 
 @app.task(name="ping")

@@ -17,6 +17,12 @@ Timing: a rebalance happens at the close of its date t. Eligibility reads the cl
 lookback ends at t-1 (as DOMAIN.md says), and the new holdings earn the returns from t+1 on:
 nothing decided at t uses later data, and a crash on t is borne by the holdings before it.
 
+Anchored: `compute_index(..., anchor=Anchor(date, value))` continues a stored series from one of
+its rebalance dates at its stored level instead of starting at 100, for when the older prices
+are gone (cleanup_old_data). Every value and weight from the anchor on equals the full
+history's as long as the matrix holds `warmup_rows(params)` rows before the anchor, which is
+all the price history a value needs (the property test checks it, and that one row less fails).
+
 tests/support/index_reference.py is the same algorithm written plainly, and property tests
 check this one against it. The trailing statistics come from running sums, so the cost is
 O(days x assets) whatever the rebalance frequency.
@@ -104,6 +110,23 @@ class StrategyParams:
             raise ValueError("outlier_std_threshold must be positive")
         if self.daily_drop_threshold <= -1.0:
             raise ValueError("daily_drop_threshold must be above -1")
+
+
+def warmup_rows(params: StrategyParams) -> int:
+    """Rows of price history a value or weight needs before its date, so that older prices
+    cannot change it: the lookback of a rebalance reads the LOOKBACK_DAYS returns before it,
+    each judged for outliers against the LOOKBACK_DAYS returns before it, the oldest of which
+    needs the previous close, forward filled from up to max_forward_fill_days earlier. (The
+    late-listing rule's first close is covered: MIN_LISTED_DAYS < LOOKBACK_DAYS.)"""
+    return 2 * LOOKBACK_DAYS + 1 + params.max_forward_fill_days
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Where an anchored computation starts: a rebalance date of a stored series and its value."""
+
+    date: dt.date | np.datetime64
+    value: float
 
 
 @dataclass(frozen=True)
@@ -323,12 +346,13 @@ def clean_returns(closes: np.ndarray, params: StrategyParams) -> np.ndarray:
 
 
 def rebalance_rows(
-    dates: np.ndarray, frequency: str, allowed: np.ndarray | None = None
+    dates: np.ndarray, frequency: str, allowed: np.ndarray | None = None, first: int | None = None
 ) -> np.ndarray:
     """Rows of the rebalance dates: the first allowed date, then each time the first allowed
     date at least N calendar days after the previous rebalance (N = REBALANCE_DAYS[frequency]).
 
     `allowed` (bool per date, default all) excludes dates on which nothing can be held.
+    `first`: the row of the first rebalance (an anchor) instead of the first allowed row.
     """
     n = len(dates)
     allowed = np.ones(n, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
@@ -337,7 +361,7 @@ def rebalance_rows(
     next_allowed = np.append(next_allowed, n)
     step = np.timedelta64(REBALANCE_DAYS[frequency], "D")
     rows: list[int] = []
-    row = int(next_allowed[0])
+    row = int(next_allowed[0]) if first is None else first
     while row < n:
         rows.append(row)
         row = int(next_allowed[np.searchsorted(dates, dates[row] + step)])
@@ -432,8 +456,10 @@ def target_weights(
 # --- 5. the index ---------------------------------------------------------------------------
 
 
-def index_values(returns: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Index level from rows[0] (base 100) to the last row, holdings drifting between rebalances.
+def index_values(
+    returns: np.ndarray, rows: np.ndarray, weights: np.ndarray, base: float = 100.0
+) -> np.ndarray:
+    """Index level from rows[0] (`base`) to the last row, holdings drifting between rebalances.
 
     Weights k are bought at the close of rows[k] and held (buy and hold) to the close of
     rows[k + 1]: w_i(t+1) = w_i(t)(1 + r_i(t+1)) / (1 + R_p(t+1)), R_p = sum w_i r_i, which is
@@ -442,7 +468,7 @@ def index_values(returns: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> 
     growth = np.where(np.isnan(returns), 1.0, 1.0 + returns)
     first = int(rows[0])
     values = np.empty(returns.shape[0] - first)
-    values[0] = 100.0
+    values[0] = base
     bounds = [*rows.tolist(), returns.shape[0] - 1]
     for k in range(len(rows)):
         held, until = bounds[k], bounds[k + 1]  # earns the returns of rows held+1 .. until
@@ -459,12 +485,16 @@ def compute_index(
     closes: np.ndarray,
     params: StrategyParams | None = None,
     market_caps: np.ndarray | None = None,
+    anchor: Anchor | None = None,
 ) -> IndexResult:
     """Index values (base 100) and target weights at each rebalance date (DOMAIN.md steps 1-5).
 
     The index starts on the first date an asset is eligible. A date on which none is, is never
-    a rebalance date (the holdings keep drifting). Raises NotEnoughData when no asset is ever
-    eligible, ValueError on inconsistent arrays.
+    a rebalance date (the holdings keep drifting). With an anchor it starts on the anchor's
+    date at the anchor's value instead, a rebalance date, and the rebalances go on from it as
+    from any other; the anchor needs warmup_rows(params) rows of prices before it. Raises
+    NotEnoughData when no asset is ever eligible (or none on the anchor's date), ValueError on
+    inconsistent arrays or an unusable anchor.
     """
     params = params or StrategyParams()
     dates = np.asarray(dates, dtype="datetime64[D]")
@@ -479,6 +509,7 @@ def compute_index(
             raise ValueError(f"market_caps has shape {market_caps.shape}, expected {closes.shape}")
     if np.any(np.diff(dates) <= np.timedelta64(0, "D")):
         raise ValueError("dates must be strictly increasing")
+    anchor_row = None if anchor is None else _anchor_row(dates, anchor, params)
 
     # 1. Cleaning: invalid closes (<= 0, not finite) are missing; short gaps filled.
     with np.errstate(invalid="ignore"):
@@ -493,7 +524,10 @@ def compute_index(
     for first in range(0, filled.shape[1], COLUMN_BLOCK):
         block = slice(first, first + COLUMN_BLOCK)
         returns[:, block] = clean_returns(filled[:, block], params)
-    rows = rebalance_rows(dates, params.rebalance_frequency, np.any(eligible, axis=1))
+    allowed = np.any(eligible, axis=1)
+    if anchor_row is not None and not allowed[anchor_row]:
+        raise NotEnoughData(f"no asset is eligible on the anchor date {dates[anchor_row]}")
+    rows = rebalance_rows(dates, params.rebalance_frequency, allowed, anchor_row)
     if len(rows) == 0:
         raise NotEnoughData(
             f"no asset is eligible on any of the {len(dates)} dates: one needs a close >= "
@@ -514,8 +548,26 @@ def compute_index(
     # 5. Index values.
     return IndexResult(
         dates=dates[rows[0] :],
-        values=index_values(returns, rows, weights),
+        values=index_values(returns, rows, weights, 100.0 if anchor is None else anchor.value),
         symbols=list(symbols),
         rebalance_dates=dates[rows],
         weights=weights,
     )
+
+
+def _anchor_row(dates: np.ndarray, anchor: Anchor, params: StrategyParams) -> int:
+    """The row of the anchor's date, checked: a date of the matrix with enough rows before it."""
+    value = anchor.value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < np.inf:
+        raise ValueError(f"anchor value must be a positive finite number, not {value!r}")
+    day = np.datetime64(anchor.date, "D")
+    row = int(np.searchsorted(dates, day))
+    if row == len(dates) or dates[row] != day:
+        raise ValueError(f"anchor date {day} is not one of the dates")
+    need = warmup_rows(params)
+    if row < need:
+        raise ValueError(
+            f"anchor date {day} has {row} rows of prices before it, fewer than the "
+            f"{need} an anchored index needs (warmup_rows)"
+        )
+    return row

@@ -277,6 +277,46 @@ def _within(column: Any, start: dt.date | None, end: dt.date | None) -> list[Any
     return conditions
 
 
+def oldest_index_date(session: Session) -> dt.date | None:
+    return session.scalar(select(func.min(IndexValue.date)))
+
+
+def index_value(session: Session, day: dt.date) -> float | None:
+    return session.scalar(select(IndexValue.value).where(IndexValue.date == day))
+
+
+def stored_rebalance_date(
+    session: Session, since: dt.date | None = None, *, newest: bool = False
+) -> dt.date | None:
+    """The oldest (or newest) date dated >= since with allocations and an index value: a
+    rebalance date of the stored series, where a computation can continue it (an anchor)."""
+    pick = func.max if newest else func.min
+    query = select(pick(Allocation.date)).join(IndexValue, IndexValue.date == Allocation.date)
+    if since:
+        query = query.where(Allocation.date >= since)
+    return session.scalar(query)
+
+
+def price_date(session: Session, day: dt.date | None, rows: int) -> dt.date | None:
+    """The date `rows` rows after `day` (rows >= 0; row 0 is the first date >= day, or the
+    oldest without one) or -rows rows before it (rows < 0; row 0 is the newest date <= day) in
+    the close matrix: the distinct price dates of the non-benchmark assets. None: no such row."""
+    query = (
+        select(Price.date)
+        .where(Price.asset_id.in_(select(Asset.id).where(Asset.is_benchmark.is_(False))))
+        .distinct()
+    )
+    if rows >= 0:
+        if day:
+            query = query.where(Price.date >= day)
+        query = query.order_by(Price.date)
+    else:
+        if day:
+            query = query.where(Price.date <= day)
+        query = query.order_by(Price.date.desc())
+    return session.scalar(query.offset(abs(rows)).limit(1))
+
+
 def index_series(session: Session, since: dt.date | None = None) -> tuple[np.ndarray, np.ndarray]:
     query = select(IndexValue.date, IndexValue.value).order_by(IndexValue.date)
     if since:
@@ -372,6 +412,51 @@ RETENTION: tuple[tuple[Any, Any], ...] = (
     (Report, Report.created_at),
     (TaskRun, TaskRun.started_at),
 )
+
+
+def kept_for_index(session: Session, cutoff: dt.date, warmup: int) -> dict[str, Any] | None:
+    """What cleanup_old_data must keep older than `cutoff` so that the next full compute_index
+    changes no stored value, or None when nothing is needed.
+
+    Deleting at the cutoff is enough when the stored series is cut there and continues from a
+    stored rebalance date with `warmup` price dates kept before it (the oldest such date is
+    the anchor compute_index will use). Otherwise keep a continuation: from the newest stored
+    rebalance date, its warm-up of prices and the index from where those prices start (so the
+    oldest kept value is older than the first the prices could give: compute_index sees the
+    cut); or, when the series is younger than that, the series from its base of 100 and its
+    base's warm-up of prices (compute_index recomputes it from the base).
+    """
+    base = oldest_index_date(session)
+    if base is None:
+        return None  # nothing published
+    after = price_date(session, cutoff, warmup)
+    if base < cutoff and after and stored_rebalance_date(session, after):
+        return None
+    newest = stored_rebalance_date(session, newest=True)
+    before = price_date(session, newest, -warmup) if newest else None
+    prices_from: dt.date | None
+    if base < cutoff and newest and before and before >= base:
+        prices_from = index_from = before
+        why = (
+            f"no stored rebalance date has {warmup} price dates after the cutoff: the index "
+            f"continues from the newest, {newest}, and needs the {warmup} before it"
+        )
+    else:
+        prices_from = price_date(session, base, -warmup) or price_date(session, None, 0)
+        index_from = base
+        why = (
+            f"the index starts at {base}, fewer than {warmup} price dates after the cutoff"
+            if base >= cutoff
+            else f"no stored rebalance date after the index's start {base} has {warmup} "
+            "price dates before it"
+        ) + f": it is recomputed from its start, which needs the {warmup} price dates before it"
+    if prices_from is None or (prices_from >= cutoff and index_from >= cutoff):
+        return None
+    return {
+        "prices_from": min(prices_from, cutoff).isoformat(),
+        "index_from": min(index_from, cutoff).isoformat(),
+        "reason": f"{why} (warmup_rows)",
+    }
 
 
 def delete_batch(session: Session, model: Any, column: Any, cutoff: Any) -> int:

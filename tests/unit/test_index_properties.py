@@ -1,6 +1,7 @@
 """Property tests of tasks.index on random data sets with gaps, late listings, delistings and
-crashes below min_price (Hypothesis): no look-ahead, partial recomputes, and agreement with the
-plain reference implementation (tests/support/index_reference.py)."""
+crashes below min_price (Hypothesis): no look-ahead, partial recomputes, anchored continuations
+after older prices are gone, and agreement with the plain reference implementation
+(tests/support/index_reference.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from index_reference import reference_index
+from tasks import index
 from tasks.errors import NotEnoughData
-from tasks.index import REBALANCE_DAYS, IndexResult, StrategyParams, compute_index
+from tasks.index import (
+    REBALANCE_DAYS,
+    Anchor,
+    IndexResult,
+    StrategyParams,
+    compute_index,
+    warmup_rows,
+)
 
 nan = np.nan
 # Small matrices and a bounded number of examples: tests/unit stays within seconds.
@@ -40,13 +49,30 @@ class Market:
             self.params,
         )
 
+    def since(self, row: int) -> Market:
+        """The data set after the rows before `row` were deleted (cleanup_old_data): the store
+        has no column for an asset without a price left."""
+        closes = self.closes[row:]
+        listed = ~np.isnan(closes).all(axis=0)
+        return Market(
+            self.dates[row:],
+            [s for s, keep in zip(self.symbols, listed, strict=True) if keep],
+            closes[:, listed],
+            self.params,
+        )
+
     def index(self) -> IndexResult:
         return compute_index(self.dates, self.symbols, self.closes, self.params)
 
+    def index_anchored(self, anchor: Anchor) -> IndexResult:
+        return compute_index(self.dates, self.symbols, self.closes, self.params, anchor=anchor)
+
 
 @st.composite
-def markets(draw: st.DrawFn, max_days: int = 130, max_assets: int = 5) -> Market:
-    n = draw(st.integers(25, max_days))
+def markets(
+    draw: st.DrawFn, max_days: int = 130, max_assets: int = 5, min_days: int = 25
+) -> Market:
+    n = draw(st.integers(min_days, max_days))
     m = draw(st.integers(1, max_assets))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     closes = rng.uniform(2, 80, m) * np.exp(
@@ -103,13 +129,15 @@ def weights_by_date(result: IndexResult) -> dict[np.datetime64, dict[str, float]
 
 
 def assert_same_weights(
-    a: dict[np.datetime64, dict[str, float]], b: dict[np.datetime64, dict[str, float]]
+    a: dict[np.datetime64, dict[str, float]],
+    b: dict[np.datetime64, dict[str, float]],
+    rel: float = 1e-12,
 ) -> None:
     assert a.keys() == b.keys()
     for day in a:
         assert a[day].keys() == b[day].keys(), day
         for symbol in a[day]:
-            assert a[day][symbol] == pytest.approx(b[day][symbol], rel=1e-12, abs=1e-15)
+            assert a[day][symbol] == pytest.approx(b[day][symbol], rel=rel, abs=1e-15)
 
 
 @PROPERTY
@@ -149,6 +177,108 @@ def test_a_partial_recompute_equals_the_full_one(market: Market, data: st.DataOb
     np.testing.assert_array_equal(partial.dates, expected.dates)
     np.testing.assert_allclose(partial.values, expected.values, rtol=1e-12)
     assert_same_weights(weights_by_date(partial), weights_by_date(expected))
+
+
+def rebalance_rows_of(market: Market, result: IndexResult) -> np.ndarray:
+    return np.searchsorted(market.dates, result.rebalance_dates)
+
+
+def assert_continues(anchored: IndexResult, full: IndexResult, rel: float = 1e-9) -> None:
+    expected = full.between(anchored.dates[0].astype(dt.date), None)
+    np.testing.assert_array_equal(anchored.dates, expected.dates)
+    np.testing.assert_allclose(anchored.values, expected.values, rtol=rel)
+    np.testing.assert_array_equal(anchored.rebalance_dates, expected.rebalance_dates)
+    assert_same_weights(weights_by_date(anchored), weights_by_date(expected), rel=rel)
+
+
+@PROPERTY
+@given(markets(max_days=330, min_days=140), st.data())
+def test_an_anchored_index_continues_the_full_one(market: Market, data: st.DataObject) -> None:
+    """The rows before a cut row c deleted (cleanup_old_data), compute_index anchored at a
+    rebalance date A of the full computation, with warmup_rows rows of prices before it, and
+    its stored value: every value, rebalance date and weight from A on is the full one's."""
+    full = computed(market)
+    if full is None:
+        return
+    need = warmup_rows(market.params)
+    rows = [int(r) for r in rebalance_rows_of(market, full) if r >= need]
+    if not rows:
+        return
+    a = data.draw(st.sampled_from(rows), label="anchor row")
+    # Half the time the latest cut the anchor allows: where a short warm-up shows.
+    c = data.draw(st.one_of(st.just(a - need), st.integers(0, a - need)), label="cut row")
+    first = int(np.searchsorted(market.dates, full.dates[0]))
+    kept = market.since(c)
+    anchor = Anchor(market.dates[a], float(full.values[a - first]))
+    anchored = compute_index(kept.dates, kept.symbols, kept.closes, kept.params, anchor=anchor)
+    assert anchored.dates[0] == market.dates[a] and anchored.values[0] == anchor.value
+    assert_continues(anchored, full)
+    event("anchored, the shortest warm-up" if a - c == need else "anchored")
+
+
+def steady_market(frequency: str, max_forward_fill_days: int) -> tuple[Market, int]:
+    """Two assets with small alternating returns, a daily return of +50 % at row a - 120 and
+    of +15 % at row a - 60, for the anchor row a. Judged against the 60 returns before it, the
+    +15 % is no outlier while the +50 % is among them and an outlier once it is not: so the
+    lookback of the rebalance at a (its volatility) needs the close at row a - 121, which with
+    max_forward_fill_days f is only known from row a - 121 - f (the f rows after it missing)."""
+    a, f = 200, max_forward_fill_days
+    n = a + 30
+    sign = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)[:, None]
+    returns = sign * [0.001, 0.002]
+    returns[a - 120, 0], returns[a - 60, 0] = 0.5, 0.15
+    returns[a - 120 - f : a - 120, 0] = 0.0  # flat where the closes are missing: as filled
+    closes = 40.0 * np.cumprod(1.0 + returns, axis=0)
+    closes[a - 120 - f : a - 120, 0] = nan
+    dates = np.busday_offset("2023-01-02", np.arange(n), roll="forward").astype("datetime64[D]")
+    params = StrategyParams(rebalance_frequency=frequency, max_forward_fill_days=f)
+    return Market(dates, ["A", "B"], closes, params), a
+
+
+@pytest.mark.parametrize("max_forward_fill_days", [0, 1, 2, 3])
+def test_one_row_of_warmup_less_changes_the_weights(
+    max_forward_fill_days: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """warmup_rows is the shortest warm-up that works: with one row less the weights of the
+    anchor date differ from the full computation's."""
+    market, a = steady_market("daily", max_forward_fill_days)
+    full = market.index()
+    need = warmup_rows(market.params)
+    anchor = Anchor(
+        market.dates[a], float(full.values[a - int(np.searchsorted(market.dates, full.dates[0]))])
+    )
+    kept = market.since(a - need)
+    assert_continues(kept.index_anchored(anchor), full)
+    shorter = market.since(a - need + 1)
+    monkeypatch.setattr(index, "warmup_rows", lambda params: need - 1)
+    anchored = shorter.index_anchored(anchor)
+    ours, theirs = weights_by_date(anchored), weights_by_date(full)
+    day = market.dates[a]
+    assert ours[day]["A"] != pytest.approx(theirs[day]["A"], rel=1e-3)
+
+
+def test_an_anchor_must_be_a_date_with_its_warmup_before_it() -> None:
+    market, a = steady_market("weekly", 2)
+    need = warmup_rows(market.params)
+    assert need == 2 * index.LOOKBACK_DAYS + 1 + 2
+    with pytest.raises(ValueError, match="anchor date 2022-12-31 is not one of the dates"):
+        market.index_anchored(Anchor(dt.date(2022, 12, 31), 100.0))
+    early = market.dates[need - 1]
+    with pytest.raises(
+        ValueError,
+        match=f"anchor date {early} has {need - 1} rows of prices before it, fewer than the {need}",
+    ):
+        market.index_anchored(Anchor(early, 100.0))
+    for value in (0.0, -5.0, nan, np.inf, True):
+        with pytest.raises(ValueError, match="anchor value must be a positive finite number"):
+            market.index_anchored(Anchor(market.dates[a], value))
+    nothing = market.since(0)
+    nothing.closes[need - 2 : need + 1] = nan  # no close, even forward filled: none eligible
+    with pytest.raises(NotEnoughData, match="no asset is eligible on the anchor date"):
+        nothing.index_anchored(Anchor(market.dates[need], 100.0))
+    # On the row warmup_rows itself it works, at the level given.
+    result = market.index_anchored(Anchor(market.dates[need], 250.0))
+    assert result.dates[0] == market.dates[need] and result.values[0] == 250.0
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
