@@ -144,6 +144,7 @@ class LoadRevokes(bootsteps.StartStopStep):
         hub = getattr(parent, "hub", None)
         if hub is None:  # no event loop (a transport without one): the broadcasts only
             return
+        self._remove(hub)  # a restart (lost connection) before the last one's second tick
         ticks = [0]
 
         def on_tick() -> None:
