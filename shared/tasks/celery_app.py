@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from kombu import Queue as KombuQueue
 
-from tasks import health, metrics, prefork, redis_conn, signing
+from tasks import health, metrics, prefork, redis_conn, revokes, signing
 from tasks.settings import Settings, get_settings, parse_crontab
 
 
@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     signing.install(celery, settings)
     celery.steps["worker"].add(RefuseEagerMode)
     celery.steps["consumer"].add(health.WorkerHeartbeat)
+    celery.steps["consumer"].add(revokes.LoadRevokes)  # revokes made before this worker started
     metrics.install(celery)
     signals.before_task_publish.connect(
         drop_sender_time_limits, weak=False, dispatch_uid="waardhaven-time-limits"

@@ -213,9 +213,11 @@ def inspect(timeout: float) -> None:
 @click.option("--terminate", is_flag=True, help="Also kill it if it is already running.")
 def revoke(task_id: str, terminate: bool) -> None:
     """Revoke a task: it will not start; with --terminate a running one is killed."""
-    # The workers run with REMAP_SIGTERM=SIGQUIT (soft shutdown), so their pool children ignore
-    # SIGTERM: SIGQUIT is what stops a running task there.
-    _app().control.revoke(task_id, terminate=terminate, signal="SIGQUIT")
+    from tasks.revokes import revoke as revoke_for_all
+
+    # Recorded in Redis for the workers that start later, then broadcast; stopping a running
+    # task uses SIGQUIT (the workers' soft shutdown makes their children ignore SIGTERM).
+    revoke_for_all(_app(), task_id, terminate=terminate)
     console.print(f"revoked {task_id}" + (" (terminating)" if terminate else ""))
 
 

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from conftest import REPO, VENV_BIN, free_port
+from tasks import revokes
 from tasks.celery_app import app
 from tasks.db import session_scope
 from tasks.models import Allocation, Asset, IndexValue, Price, Report, RiskMetric, TaskRun
@@ -326,9 +327,9 @@ def test_revoke_queued_and_terminate_running(
     while running.state != "PROGRESS" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert running.state == "PROGRESS"
-    app.control.revoke(queued.id)
-    # as `waardhaven-tasks revoke --terminate` does: children ignore SIGTERM (REMAP_SIGTERM)
-    app.control.revoke(running.id, terminate=True, signal="SIGQUIT")
+    # as `waardhaven-tasks revoke [--terminate]` does: recorded, broadcast, SIGQUIT to stop
+    revokes.revoke(app, queued.id)
+    revokes.revoke(app, running.id, terminate=True)
     deadline = time.monotonic() + 30
     while not (running.ready() and queued.ready()) and time.monotonic() < deadline:
         time.sleep(0.1)

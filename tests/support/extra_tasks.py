@@ -17,3 +17,16 @@ def sleep(self: object, seconds: float) -> float:
 @app.task(name="test.fail")
 def fail(message: str = "boom") -> None:
     raise RuntimeError(message)
+
+
+@app.task(name="test.mark")
+def mark(key: str) -> str:
+    """An effect a test can look for: sets `key` in Redis."""
+    import os
+
+    import redis
+
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    client.set(key, "ran")
+    client.close()
+    return key

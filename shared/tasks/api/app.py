@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tasks import redis_conn
+from tasks import redis_conn, revokes
 from tasks.api.tokens import Action, TokenEntry, TokenStore
 from tasks.market_data.ratelimit import RedisRateLimiter
 from tasks.settings import Settings, get_settings
@@ -328,8 +328,9 @@ def create_api(settings: Settings | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         """Revoke: a waiting task will not run; with terminate=true a running one is stopped."""
         lookup(token, "revoke", task_id)
-        # Workers run with REMAP_SIGTERM=SIGQUIT: SIGQUIT is what stops a running task there.
-        celery.control.revoke(task_id, terminate=terminate, signal="SIGQUIT")
+        # Recorded for workers that start later, then broadcast; terminate sends SIGQUIT (workers
+        # run with REMAP_SIGTERM=SIGQUIT: SIGQUIT is what stops a running task there).
+        revokes.revoke(celery, task_id, terminate=terminate, client=broker)
         logger.info("api: token %s revoked %s (terminate=%s)", token.name, task_id, terminate)
         return {"id": task_id, "revoked": True, "terminate": terminate}
 
