@@ -65,6 +65,27 @@ def write_tokens(path: Path) -> dict[str, str]:
     return tokens
 
 
+def start_api(tmp: Path, signing: dict[str, str]) -> tuple[Service, str]:
+    """services/api/run with the tokens file in `tmp`, on a free port; (service, its URL) once
+    /healthz answers."""
+    port = free_port()
+    api = Service(
+        "api",
+        tmp,
+        API_PORT=str(port),
+        API_ADDRESS="127.0.0.1",
+        API_TOKENS_FILE=str(tmp / "tokens.json"),
+        **signing,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while http_status(url + "/healthz") != 200:
+        if api.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"api did not start:\n{api.output[-3000:]}")
+        time.sleep(0.2)
+    return api, url
+
+
 @pytest.fixture(scope="module", name="stack")
 def stack_fixture(
     request: pytest.FixtureRequest,
@@ -89,21 +110,7 @@ def stack_fixture(
         **signing,
         **getattr(request.module, "WORKER_ENV", {}),  # a test module's own settings
     ).wait_ready()
-    port = free_port()
-    api = Service(
-        "api",
-        tmp,
-        API_PORT=str(port),
-        API_ADDRESS="127.0.0.1",
-        API_TOKENS_FILE=str(tmp / "tokens.json"),
-        **signing,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while http_status(url + "/healthz") != 200:
-        if api.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"api did not start:\n{api.output[-3000:]}")
-        time.sleep(0.2)
+    api, url = start_api(tmp, signing)
     yield Stack(url, tokens, keys, worker, api, signing)
     api.stop()
     worker.stop()

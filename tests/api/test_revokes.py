@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import EXTRA_TASKS, redis_server_flushed_fixture, write_tokens
+from api_helpers import EXTRA_TASKS, redis_server_flushed_fixture, start_api, write_tokens
 
-from conftest import VENV_BIN, Service, free_port, http_status, service_env
+from conftest import VENV_BIN, Service, service_env
 from tasks import revokes
 from tasks.signing import env_for, generate_keys
 
@@ -54,21 +54,7 @@ def api(
     tmp = tmp_path_factory.mktemp("revokes")
     signing = env_for(generate_keys(tmp / "keys"))
     tokens = write_tokens(tmp / "tokens.json")
-    port = free_port()
-    service = Service(
-        "api",
-        tmp,
-        API_PORT=str(port),
-        API_ADDRESS="127.0.0.1",
-        API_TOKENS_FILE=str(tmp / "tokens.json"),
-        **signing,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while http_status(url + "/healthz") != 200:
-        if service.proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"api did not start:\n{service.output[-3000:]}")
-        time.sleep(0.2)
+    service, url = start_api(tmp, signing)
     yield Api(url, tokens["admin"], service_env("cli", tmp, **signing, **EXTRA_TASKS))
     service.stop()
 
