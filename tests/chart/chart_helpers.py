@@ -50,6 +50,15 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
     return out
 
 
+def external_redis(broker: Any) -> dict[str, Any]:
+    """Values pointing the chart at a test's own password-protected redis-server (conftest's
+    RedisServer) instead of the in-chart Redis."""
+    return {
+        "redis": {"enabled": False},
+        "externalRedis": {"host": "127.0.0.1", "port": broker.port, "password": broker.password},
+    }
+
+
 @functools.cache
 def chart() -> helm.Chart:
     return helm.Chart.load(CHART_DIR)

@@ -21,6 +21,7 @@ import pytest
 from chart_helpers import (
     container,
     env_of,
+    external_redis,
     get,
     merge,
     names,
@@ -166,16 +167,7 @@ def _call(url: str, token: str | None) -> int:
 def test_rendered_api_container_serves_healthz_and_the_rendered_tokens(
     broker: RedisServer, tmp_path: Path
 ) -> None:
-    objects = render_chart(
-        {
-            "redis": {"enabled": False},
-            "externalRedis": {
-                "host": "127.0.0.1",
-                "port": broker.port,
-                "password": broker.password,
-            },
-        }
-    )
+    objects = render_chart(external_redis(broker))
     api = get(objects, "Deployment", "api")
     port = free_port()
     pod = LocalPod(objects, container(api), tmp_path / "api.log", pod_spec(api), API_PORT=str(port))

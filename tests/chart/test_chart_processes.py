@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chart_helpers import REPO, container, get, merge, pod_spec, render_chart
+from chart_helpers import REPO, container, external_redis, get, merge, pod_spec, render_chart
 from pod_runner import LocalPod, argv_of, container_env, local_mounts, process_env, relocate
 from value_sets import VALUE_SETS
 
@@ -51,8 +51,7 @@ def process_values(broker: RedisServer) -> dict[str, Any]:
     if not _database:
         _database.append(create_database())
     return {
-        "redis": {"enabled": False},
-        "externalRedis": {"host": "127.0.0.1", "port": broker.port, "password": broker.password},
+        **external_redis(broker),
         "database": {"url": _database[0]},
         "config": {
             "SCHEDULE_COMPUTE_INDEX": SCHEDULE,
@@ -72,8 +71,7 @@ def broker() -> Iterator[RedisServer]:
 def objects(broker: RedisServer) -> list[dict[str, Any]]:
     require_services()
     values = {
-        "redis": {"enabled": False},
-        "externalRedis": {"host": "127.0.0.1", "port": broker.port, "password": broker.password},
+        **external_redis(broker),
         "database": {"url": create_database()},
         "config": {
             "SCHEDULE_COMPUTE_INDEX": SCHEDULE,

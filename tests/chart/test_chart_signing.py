@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chart_helpers import container, env_of, get, merge, names, pod_spec, render_chart, secret_data
+from chart_helpers import (
+    container,
+    env_of,
+    external_redis,
+    get,
+    merge,
+    names,
+    pod_spec,
+    render_chart,
+    secret_data,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -122,17 +132,7 @@ def test_rendered_worker_runs_a_signed_task_and_refuses_an_unsigned_one(
     from tasks.celery_app import create_app
     from tasks.settings import Settings
 
-    objects = render_chart(
-        {
-            "redis": {"enabled": False},
-            "externalRedis": {
-                "host": "127.0.0.1",
-                "port": broker.port,
-                "password": broker.password,
-            },
-            "database": {"url": create_database()},
-        }
-    )
+    objects = render_chart({**external_redis(broker), "database": {"url": create_database()}})
     deployment = get(objects, "Deployment", "worker-low")
     worker = LocalPod(
         objects,
